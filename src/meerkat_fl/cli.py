@@ -1,0 +1,236 @@
+"""The `meerkat` command: parses, builds a config, calls one library function. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from meerkat_fl.errors import MeerkatError
+
+
+def _config(args: argparse.Namespace, extra: Sequence[str] = ()):
+    from meerkat_fl import config
+
+    cfg = config.load(getattr(args, "config", None), [*extra, *(args.set or [])])
+    return config.validate(config.resolve_environment(cfg))
+
+
+def _default_out(kind: str, cfg) -> Path:
+    from meerkat_fl.config import method_name
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = method_name(cfg) if kind == "run" else kind
+    return Path("runs") / f"{name}-{cfg.task.name}-{stamp}"
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    from meerkat_fl.build import make_mask
+    from meerkat_fl.config import MaskConfig, resolve_environment, Config
+    from meerkat_fl.masks import save_mask
+    from meerkat_fl.models import load_model
+
+    cfg = Config(mask=MaskConfig(
+        kind=args.kind, density=args.density, scope=args.scope, selection=args.selection,
+        calibration=args.calibration, calibration_sequences=args.sequences, calibration_seq_len=args.seq_len,
+        score=args.score, seed=args.seed,
+    ))
+    from meerkat_fl.config import validate
+
+    cfg = validate(resolve_environment(cfg))
+    loaded = load_model(args.model, device=args.device, dtype="float32")
+    mask = make_mask(cfg.mask, loaded)
+    save_mask(mask, args.out)
+    print(f"wrote {args.out}: {mask.kind} mask, {mask.size:,} of {mask.scope_numel:,} weights "
+          f"({mask.size / mask.scope_numel:.2e}) in {len(mask.names)} tensors, model {mask.fingerprint}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from meerkat_fl.config import load
+    from meerkat_fl.finetune import finetune
+
+    if args.resume:
+        cfg = load(Path(args.resume) / "config.toml")
+        summary = finetune(cfg, args.resume, resume=True, progress=not args.quiet)
+    else:
+        shortcuts = [f"{k}={v}" for k, v in (
+            ("model.source", args.model), ("task.name", args.task), ("mask.path", args.mask),
+            ("train.steps", args.steps), ("zo.lr", args.lr), ("mask.kind", args.kind),
+        ) if v is not None]
+        cfg = _config(args, shortcuts)
+        out = Path(args.out) if args.out else _default_out("finetune", cfg)
+        summary = finetune(cfg, out, progress=not args.quiet)
+        print(f"run folder: {out}")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from meerkat_fl.build import build_model, build_task_data
+    from meerkat_fl.patch import apply_patch, load_patch
+
+    shortcuts = [f"{k}={v}" for k, v in (("model.source", args.model), ("task.name", args.task),
+                                           ("task.eval_size", args.eval_size)) if v is not None]
+    cfg = _config(args, shortcuts)
+    loaded = build_model(cfg)
+    if args.patch:
+        apply_patch(loaded.model, load_patch(args.patch), loaded.fingerprint)
+    data = build_task_data(cfg.task, loaded, cfg.run.seed)
+    accuracy = data.scorer.accuracy(data.test, batch_size=cfg.task.eval_batch_size)
+    print(json.dumps({"task": cfg.task.name, "patch": args.patch, "examples": len(data.test),
+                      "accuracy": accuracy}, indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from meerkat_fl.config import load
+    from meerkat_fl.fed.simulate import simulate
+
+    if args.resume:
+        cfg = load(Path(args.resume) / "config.toml")
+        summary = simulate(cfg, args.resume, resume=True, progress=not args.quiet)
+        out = Path(args.resume)
+    else:
+        if args.config is None:
+            raise SystemExit("meerkat run: give a CONFIG.toml or --resume DIR")
+        cfg = _config(args)
+        out = Path(args.out) if args.out else _default_out("run", cfg)
+        summary = simulate(cfg, out, progress=not args.quiet)
+    print(f"run folder: {out}")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meerkat_fl.demo import run_demo
+
+    out = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_demo(out, args.set or [], progress=not args.quiet)
+    print(result["table"])
+    print(f"plot: {result['plot']}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from meerkat_fl.report import comparison_table, plot_runs
+
+    out = plot_runs(args.runs, args.out, title=args.title)
+    print(comparison_table(args.runs))
+    print(f"plot: {out}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from meerkat_fl.config import Config, resolve_environment
+    from meerkat_fl.fed.simulate import partition_for
+    from meerkat_fl.partition import format_histogram, save_partition
+    from meerkat_fl.tasks import get_task
+
+    cfg = _config(args, [f"{k}={v}" for k, v in (
+        ("task.name", args.task), ("fed.partition", args.scheme), ("fed.num_clients", args.clients),
+        ("fed.alpha", args.alpha), ("fed.num_extreme", args.extreme), ("fed.labels_per_client", args.labels_per_client),
+        ("run.seed", args.seed)) if v is not None])
+    task = get_task(cfg.task.name)
+    data = task.load("train", path=cfg.task.train_path, data_dir=cfg.task.data_dir)
+    from meerkat_fl.build import subsample
+
+    data = subsample(data, cfg.task.train_size, cfg.run.seed)
+    partition = partition_for(cfg, data.labels)
+    print(format_histogram(data.labels, partition, label_names=task.label_names))
+    if args.out:
+        save_partition(partition, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_positional: bool = False) -> None:
+    if config_positional:
+        p.add_argument("config", nargs="?", help="TOML config file")
+    else:
+        p.add_argument("--config", help="TOML config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. zo.lr=1e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meerkat", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("mask", help="build a sparse mask (sensitive, random, magnitude or dense)")
+    p.add_argument("--model", default="smollm2", help="smollm2 (embedded), tiny, a .gguf, a dir or a hub id")
+    p.add_argument("--density", type=float, default=1e-3)
+    p.add_argument("--kind", default="sensitive", choices=["sensitive", "random", "magnitude", "dense"])
+    p.add_argument("--scope", default=None, choices=["linear", "all"])
+    p.add_argument("--selection", default="per_tensor", choices=["per_tensor", "global"])
+    p.add_argument("--calibration", default=None, help="text file or folder (default: shared wikitext-2)")
+    p.add_argument("--sequences", type=int, default=32, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sequence")
+    p.add_argument("--score", default="fisher", choices=["fisher", "grad_squared"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_mask)
+
+    p = sub.add_parser("finetune", help="centralised MeZO-style fine-tuning (sparse or dense)")
+    _add_config_args(p)
+    p.add_argument("--model"), p.add_argument("--task"), p.add_argument("--mask", help="mask file")
+    p.add_argument("--kind", help="mask kind when no mask file is given")
+    p.add_argument("--steps", type=int), p.add_argument("--lr", type=float)
+    p.add_argument("--out"), p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="accuracy of a model (optionally with a patch) on a task")
+    _add_config_args(p)
+    p.add_argument("--model"), p.add_argument("--task"), p.add_argument("--patch")
+    p.add_argument("--eval-size", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="a federated run from a TOML config (in-process simulator)")
+    _add_config_args(p, config_positional=True)
+    p.add_argument("--out", help="run folder (default runs/<method>-<task>-<time>)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run to the same result")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="the main job: Meerkat vs Full-FedZO on the embedded model")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo setting")
+    p.add_argument("--out"), p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("plot", help="accuracy vs round and vs cumulative bytes for several runs, one PNG")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="runs/plot.png"), p.add_argument("--title")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("partition", help="print a partition's per-client label histogram")
+    _add_config_args(p)
+    p.add_argument("--task"), p.add_argument("--scheme", choices=["iid", "dirichlet", "pathological", "mixture"])
+    p.add_argument("--clients", type=int), p.add_argument("--alpha", type=float)
+    p.add_argument("--extreme", type=int, help="mixture: single-label clients")
+    p.add_argument("--labels-per-client", type=int), p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="save the partition as JSON")
+    p.set_defaults(func=cmd_partition)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except MeerkatError as exc:
+        print(f"meerkat: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meerkat: interrupted; the run folder keeps its last checkpoint (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

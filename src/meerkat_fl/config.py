@@ -1,0 +1,347 @@
+"""Config is data: one typed dataclass tree, loaded from TOML, overridden by dotted ``key=value`` strings.
+
+The same grammar serves ``meerkat run --set fed.rounds=10`` and Flower's ``--run-config``. Every
+unknown key or wrongly typed value raises ConfigError naming the key. Only the builders (cli, simulate,
+the Flower server app) read a Config; everything below takes plain arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from meerkat_fl.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    source: str = "smollm2"  # "smollm2" (embedded), "tiny" (tests), a .gguf file, a local dir or a hub id
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bf16 | fp16; trainable values keep a float32 master copy
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sst2"
+    data_dir: str | None = None  # a folder laid out like shared/data; default: $MEERKAT_DATA_DIR
+    train_path: str | None = None  # explicit local file for the training split (CSV/TSV/JSONL)
+    test_path: str | None = None  # explicit local file for the evaluation split
+    max_length: int = 64  # tokens per example (prompt truncated from the left)
+    train_size: int | None = None  # seeded subsample of the training split; None = all
+    eval_size: int | None = 500  # seeded subsample of the evaluation split; None = all
+    eval_batch_size: int = 32
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "sensitive"  # sensitive | random | magnitude | dense
+    density: float = 1e-3
+    scope: str | None = None  # linear | all; None = linear for sparse kinds, all for dense
+    selection: str = "per_tensor"  # per_tensor | global
+    path: str | None = None  # an existing mask file; None = build (and cache under the run folder)
+    calibration: str | None = None  # text file or folder; None = <data_dir>/calibration/wikitext-2
+    calibration_sequences: int = 32
+    calibration_seq_len: int = 128
+    calibration_batch_size: int = 4
+    score: str = "fisher"  # fisher (mean squared grad) | grad_squared (square of mean grad) [choice]
+    seed: int = 0  # random mask only
+
+
+@dataclass
+class ZOConfig:
+    lr: float = 2e-4
+    eps: float = 1e-3
+    batch_size: int = 16
+
+
+@dataclass
+class TrainConfig:
+    """Centralised (single-machine) MeZO-style fine-tuning: `meerkat finetune`."""
+
+    steps: int = 100
+    eval_every: int = 50  # steps; 0 = only at the end
+
+
+@dataclass
+class FedConfig:
+    strategy: str = "meerkat"  # meerkat | fedmezo | meerkat_vp (server rule; the mask picks sparse/dense)
+    num_clients: int = 10
+    sample_fraction: float = 1.0  # share of clients sampled per round
+    sample_count: int | None = None  # overrides sample_fraction when set
+    rounds: int = 20
+    local_steps: int = 10  # T
+    partition: str = "dirichlet"  # iid | dirichlet | pathological | mixture
+    alpha: float = 0.5
+    labels_per_client: int = 1
+    num_extreme: int = 0  # mixture: single-label clients
+    mixture_rest: str = "dirichlet"  # mixture: how the other clients split the rest
+    weighting: str = "data_size"  # data_size | uniform (p_k)
+    downlink: str = "values"  # values (new masked values) | scalars (every client's seed/scalar list)
+
+
+@dataclass
+class FedMeZOConfig:
+    signal: str = "model_diff"  # model_diff | last_loss | mean_loss_5 (FedMeZO's heterogeneity index)
+    lr_scale: float = 5e-6  # lr_i = lr + lr_scale * phi_i, phi_i in [-1, 1]
+
+
+@dataclass
+class VPConfig:
+    """Meerkat-vp (method doc section 4): GradIP calibration, detection thresholds, re-checks."""
+
+    calibration_steps: int = 100
+    early_window: tuple[int, int] = (0, 20)
+    late_window: tuple[int, int] = (50, 100)
+    quiet_factor: float = 0.1
+    rho_later: float = 5.0
+    rho_quiet: float = 0.5
+    recheck_every: int = 20
+    control: str = "detect"  # detect | random (random early stopping, same count)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    out: str | None = None  # run folder; None = runs/<method>-<task>-<timestamp>
+    eval_every: int = 5  # rounds; 0 = only at the end
+    checkpoint_every: int = 5  # rounds
+    zero_shot: bool = True  # evaluate before training
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    fedmezo: FedMeZOConfig = field(default_factory=FedMeZOConfig)
+    vp: VPConfig = field(default_factory=VPConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "fp32", "bf16", "bfloat16", "fp16", "float16"),
+    "mask.kind": ("sensitive", "random", "magnitude", "dense"),
+    "mask.scope": ("linear", "all"),
+    "mask.selection": ("per_tensor", "global"),
+    "mask.score": ("fisher", "grad_squared"),
+    "fed.strategy": ("meerkat", "fedmezo", "meerkat_vp"),
+    "fed.partition": ("iid", "dirichlet", "pathological", "mixture"),
+    "fed.mixture_rest": ("dirichlet", "iid"),
+    "fed.weighting": ("data_size", "uniform"),
+    "fed.downlink": ("values", "scalars"),
+    "fedmezo.signal": ("model_diff", "last_loss", "mean_loss_5"),
+    "vp.control": ("detect", "random"),
+}
+POSITIVE = {
+    "zo.eps", "zo.batch_size", "task.max_length", "task.eval_batch_size", "fed.num_clients", "fed.rounds",
+    "fed.local_steps", "mask.calibration_sequences", "mask.calibration_seq_len", "mask.calibration_batch_size",
+    "fed.alpha", "run.checkpoint_every", "fed.labels_per_client", "vp.calibration_steps", "vp.recheck_every",
+}
+NON_NEGATIVE = {"zo.lr", "train.steps", "train.eval_every", "run.eval_every", "fed.num_extreme", "vp.quiet_factor"}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation ``hint``; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {hint}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _section_hints(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
+    """A Config from nested mappings (TOML tables); unknown sections or keys raise ConfigError."""
+    cfg = copy_config(base) if base is not None else Config()
+    for section_name, values in data.items():
+        if not hasattr(cfg, section_name) or section_name.startswith("_"):
+            known = ", ".join(f.name for f in dataclasses.fields(Config))
+            raise ConfigError(f"unknown config section {section_name!r} (known: {known})")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{section_name}: expected a table of settings, got {values!r}")
+        section = getattr(cfg, section_name)
+        hints = _section_hints(section)
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key {section_name}.{key} (known: {', '.join(hints)})")
+            setattr(section, key, _coerce(f"{section_name}.{key}", value, hints[key]))
+    return cfg
+
+
+def copy_config(cfg: Config) -> Config:
+    """A deep copy (sections are mutable dataclasses)."""
+    return from_plain(to_dict(cfg))
+
+
+def from_plain(data: Mapping[str, Any]) -> Config:
+    cfg = Config()
+    for f in dataclasses.fields(Config):
+        section = getattr(cfg, f.name)
+        hints = _section_hints(section)
+        for key, value in data.get(f.name, {}).items():
+            setattr(section, key, _coerce(f"{f.name}.{key}", value, hints[key]))
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"fed.rounds=10"`` → ("fed.rounds", 10); values use TOML syntax, bare words are strings."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, raw = (part.strip() for part in item.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str] | Mapping[str, Any]) -> Config:
+    """Apply dotted ``section.key=value`` overrides (strings, or a mapping of dotted keys to values)."""
+    items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in items:
+        if key.count(".") != 1:
+            raise ConfigError(f"override key {key!r} must be section.key, e.g. fed.rounds")
+        section, name = key.split(".")
+        if isinstance(value, str) and section in {f.name for f in dataclasses.fields(Config)}:
+            hint = _section_hints(getattr(cfg, section)).get(name)
+            value = _from_string(value, hint)
+        nested.setdefault(section, {})[name] = value
+    return from_dict(nested, cfg)
+
+
+def _from_string(value: str, hint: Any) -> Any:
+    """Strings from Flower's run-config or --set are re-read as numbers/bools when the field wants one."""
+    wants_str = hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint))
+    if wants_str or hint is None:
+        return value
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; returns ``cfg`` unchanged or raises ConfigError naming the key."""
+    flat = flatten(cfg)
+    for key, choices in CHOICES.items():
+        if flat[key] is not None and flat[key] not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {flat[key]!r}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    if not 0.0 < cfg.mask.density <= 1.0:
+        raise ConfigError(f"mask.density: must be in (0, 1], got {cfg.mask.density!r}")
+    if not 0.0 < cfg.fed.sample_fraction <= 1.0:
+        raise ConfigError(f"fed.sample_fraction: must be in (0, 1], got {cfg.fed.sample_fraction!r}")
+    if cfg.fed.sample_count is not None and not 1 <= cfg.fed.sample_count <= cfg.fed.num_clients:
+        raise ConfigError(f"fed.sample_count: must be in [1, fed.num_clients], got {cfg.fed.sample_count}")
+    for key in ("task.train_size", "task.eval_size"):
+        if flat[key] is not None and flat[key] < 1:
+            raise ConfigError(f"{key}: must be >= 1 or none, got {flat[key]!r}")
+    return cfg
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{"section.key": value} for every setting."""
+    return {f"{s}.{k}": v for s, section in to_dict(cfg).items() for k, v in section.items()}
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """TOML text of the resolved config (None values are omitted: they mean "default")."""
+    data = {
+        s: {k: (list(v) if isinstance(v, tuple) else v) for k, v in section.items() if v is not None}
+        for s, section in to_dict(cfg).items()
+    }
+    return tomli_w.dumps(data)
+
+
+def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load a TOML file (or the defaults), apply overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        cfg = from_dict(data)
+    return validate(apply_overrides(cfg, list(overrides)))
+
+
+def resolve_environment(cfg: Config, environ: Mapping[str, str] | None = None) -> Config:
+    """Fill settings whose default comes from the environment (the only place env is read).
+
+    task.data_dir ← $MEERKAT_DATA_DIR; mask.calibration ← <data_dir>/calibration/wikitext-2.
+    """
+    environ = os.environ if environ is None else environ
+    cfg = copy_config(cfg)
+    if cfg.task.data_dir is None and environ.get("MEERKAT_DATA_DIR"):
+        cfg.task.data_dir = environ["MEERKAT_DATA_DIR"]
+    if cfg.mask.calibration is None and cfg.task.data_dir is not None:
+        candidate = Path(cfg.task.data_dir) / "calibration" / "wikitext-2"
+        if candidate.exists():
+            cfg.mask.calibration = str(candidate)
+    return cfg
+
+
+def method_name(cfg: Config) -> str:
+    """A readable name for the method a config describes (used in summaries and plots)."""
+    if cfg.fed.strategy == "fedmezo":
+        return "fedmezo"
+    if cfg.fed.strategy == "meerkat_vp":
+        return "meerkat_vp" if cfg.vp.control == "detect" else "random_stop"
+    return {"sensitive": "meerkat", "dense": "full_fedzo", "random": "random_mask", "magnitude": "magnitude_mask"}[
+        cfg.mask.kind
+    ]

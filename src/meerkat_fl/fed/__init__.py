@@ -1,0 +1,1 @@
+"""Federated Meerkat: messages, client, server, strategies, transports and the in-process simulator."""

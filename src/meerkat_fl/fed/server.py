@@ -1,0 +1,150 @@
+"""The server: samples clients, issues seeds, validates replies, replays virtual paths and aggregates.
+
+It holds the global masked values (float32) and, for the "scalars" downlink, the paths each client has
+not replayed yet. It never holds a model: evaluation writes its values into the shared model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from meerkat_fl.errors import MessageRejected
+from meerkat_fl.fed.aggregate import aggregate_paths, normalised_weights
+from meerkat_fl.fed.messages import (
+    ClientPath, ClientUpdate, RoundPlan, decode_update, encode_plan, validate_update,
+)
+from meerkat_fl.local import step_seeds
+from meerkat_fl.masks import Mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    round: int
+    accepted: list[int]
+    rejected: dict[int, str]
+    paths: list[ClientPath]
+    updates: dict[int, ClientUpdate]
+    bytes_down: dict[int, int]
+    bytes_up: dict[int, int]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_loss(self) -> float | None:
+        losses = [float(np.mean(u.losses)) for u in self.updates.values() if u.losses.size]
+        return float(np.mean(losses)) if losses else None
+
+
+class Server:
+    """Drives rounds with a strategy; the in-process simulator and the Flower ServerApp share it."""
+
+    def __init__(
+        self, mask: Mask, values: torch.Tensor, strategy, *, client_sizes: dict[int, int], run_seed: int,
+        local_steps: int, lr: float, eps: float, batch_size: int, weighting: str = "data_size",
+        downlink: str = "values", sample_fraction: float = 1.0, sample_count: int | None = None,
+        max_abs_scalar: float = 1e6,
+    ):
+        self.mask, self.values, self.strategy = mask, values, strategy
+        self.client_sizes = dict(client_sizes)
+        self.run_seed, self.local_steps, self.lr, self.eps, self.batch_size = run_seed, local_steps, lr, eps, batch_size
+        self.weighting, self.downlink = weighting, downlink
+        self.sample_fraction, self.sample_count, self.max_abs_scalar = sample_fraction, sample_count, max_abs_scalar
+        self.round = 0
+        self.client_synced = {k: -1 for k in client_sizes}  # "scalars" downlink: last round each client holds
+        self.history: dict[int, list[ClientPath]] = {}
+        self.rejected_total = 0
+
+    def sample(self, round_index: int) -> list[int]:
+        """The clients of a round: a pure function of (run seed, round)."""
+        ids = sorted(self.client_sizes)
+        count = self.sample_count or max(1, round(self.sample_fraction * len(ids)))
+        if count >= len(ids):
+            return ids
+        rng = np.random.default_rng([self.run_seed, round_index, 0xC11E])
+        return sorted(int(i) for i in rng.choice(ids, size=count, replace=False))
+
+    def plan_for(self, client_id: int, round_index: int) -> RoundPlan:
+        steps = self.strategy.local_steps(client_id, self.local_steps)
+        seeds = np.asarray(step_seeds(self.run_seed, round_index, client_id, steps), dtype=np.int64)
+        common = dict(round=round_index, client_id=client_id, seeds=seeds,
+                      lr=self.strategy.client_lr(client_id, self.lr), eps=self.eps, batch_size=self.batch_size)
+        if self.downlink == "values":
+            return RoundPlan(**common, values=self.values.detach().cpu().numpy())
+        synced = self.client_synced[client_id]
+        paths = tuple(p for r in range(synced + 1, round_index) for p in self.history.get(r, []))
+        return RoundPlan(**common, paths=paths, synced_round=synced)
+
+    def configure_round(self) -> tuple[dict[int, RoundPlan], dict[int, bytes]]:
+        """Plans (objects, kept to validate replies) and their encoded bytes for this round's clients."""
+        plans = {cid: self.plan_for(cid, self.round) for cid in self.sample(self.round)}
+        return plans, {cid: encode_plan(plan) for cid, plan in plans.items()}
+
+    def aggregate_round(
+        self, plans: dict[int, RoundPlan], encoded: dict[int, bytes], replies: dict[int, bytes | None]
+    ) -> RoundResult:
+        """Validate replies, replay accepted clients' paths from the round's start, aggregate, advance."""
+        updates, rejected = {}, {}
+        for cid, plan in plans.items():
+            reply = replies.get(cid)
+            if reply is None:
+                rejected[cid] = "no reply"
+                continue
+            try:
+                update = decode_update(reply, who=f"client {cid}")
+                validate_update(update, plan, self.max_abs_scalar)
+            except MessageRejected as exc:
+                rejected[cid] = str(exc)
+                log.warning("round %d: rejected %s", self.round, exc)
+                continue
+            updates[cid] = update
+        weights = normalised_weights({cid: self.client_sizes[cid] for cid in updates}, self.weighting) if updates else {}
+        paths = [
+            ClientPath(self.round, cid, weights[cid], plans[cid].lr, plans[cid].seeds, updates[cid].scalars)
+            for cid in sorted(updates)
+        ]
+        start = self.values
+        self.values = aggregate_paths(start, self.mask, paths)
+        metrics = self.strategy.after_round(self.round, start, self.mask, paths, updates)
+        if self.downlink == "scalars":
+            self.history[self.round] = paths
+            for cid in plans:
+                self.client_synced[cid] = self.round - 1
+            oldest = min(self.client_synced.values())
+            self.history = {r: p for r, p in self.history.items() if r > oldest}
+        self.rejected_total += len(rejected)
+        result = RoundResult(
+            self.round, sorted(updates), rejected, paths, updates,
+            bytes_down={cid: len(encoded[cid]) for cid in plans},
+            bytes_up={cid: len(replies[cid]) for cid in plans if replies.get(cid) is not None},
+            metrics=metrics,
+        )
+        self.round += 1
+        return result
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON state) for a checkpoint."""
+        history = {
+            str(r): [[p.client_id, p.weight, p.lr, p.seeds.tolist(), p.scalars.tolist()] for p in paths]
+            for r, paths in self.history.items()
+        }
+        state = {"round": self.round, "client_synced": {str(k): v for k, v in self.client_synced.items()},
+                 "history": history, "rejected_total": self.rejected_total, "strategy": self.strategy.state_dict()}
+        return {"server.values": self.values}, state
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.values = tensors["server.values"].to(self.values.device)
+        self.round = state["round"]
+        self.client_synced = {int(k): v for k, v in state["client_synced"].items()}
+        self.history = {
+            int(r): [ClientPath(int(r), cid, w, lr, np.asarray(s, dtype=np.int64), np.asarray(g, dtype=np.float32))
+                     for cid, w, lr, s, g in paths]
+            for r, paths in state["history"].items()
+        }
+        self.rejected_total = state["rejected_total"]
+        self.strategy.load_state_dict(state["strategy"])

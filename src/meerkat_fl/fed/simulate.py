@@ -1,0 +1,192 @@
+"""The in-process simulator: one model in memory, K clients, the round loop on one screen."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from meerkat_fl.build import TaskData, build_model, build_task_data, obtain_mask
+from meerkat_fl.config import Config, method_name
+from meerkat_fl.fed.client import Client, ClientRuntime
+from meerkat_fl.fed.server import RoundResult, Server
+from meerkat_fl.fed.strategies import FedMeZOStrategy, MeerkatStrategy
+from meerkat_fl.fed.transport import InProcessTransport, Transport
+from meerkat_fl.partition import Partition, format_histogram, make_partition, save_partition
+from meerkat_fl.patch import save_patch
+from meerkat_fl.rundir import RunDir
+from meerkat_fl.zo import MaskedParams
+
+log = logging.getLogger(__name__)
+
+
+def make_strategy(cfg: Config):
+    if cfg.fed.strategy == "fedmezo":
+        return FedMeZOStrategy(cfg.fedmezo.signal, cfg.fedmezo.lr_scale)
+    if cfg.fed.strategy == "meerkat_vp":
+        from meerkat_fl.vp import MeerkatVPStrategy  # issue 4
+
+        return MeerkatVPStrategy.from_config(cfg)
+    return MeerkatStrategy()
+
+
+def partition_for(cfg: Config, labels: np.ndarray) -> Partition:
+    params: dict[str, Any] = {}
+    if cfg.fed.partition == "dirichlet":
+        params = {"alpha": cfg.fed.alpha}
+    elif cfg.fed.partition == "pathological":
+        params = {"labels_per_client": cfg.fed.labels_per_client}
+    elif cfg.fed.partition == "mixture":
+        params = {"num_extreme": cfg.fed.num_extreme, "rest": cfg.fed.mixture_rest, "alpha": cfg.fed.alpha}
+    return make_partition(labels, cfg.fed.partition, cfg.fed.num_clients, cfg.run.seed, **params)
+
+
+@dataclass
+class Federation:
+    """Everything a run needs, built once from a config."""
+
+    cfg: Config
+    data: TaskData
+    partition: Partition
+    params: MaskedParams
+    server: Server
+    clients: dict[int, Client]
+    runtime: ClientRuntime
+
+
+def build_federation(cfg: Config) -> Federation:
+    loaded = build_model(cfg)
+    data = build_task_data(cfg.task, loaded, cfg.run.seed)
+    mask = obtain_mask(cfg.mask, loaded)
+    params = MaskedParams(loaded.model, mask)
+    initial = params.gather()
+    partition = partition_for(cfg, data.train_labels)
+    clients = {k: Client(k, idx, cfg.run.seed) for k, idx in enumerate(partition.clients)}
+    server = Server(
+        mask, initial.clone(), make_strategy(cfg), client_sizes={k: c.num_examples for k, c in clients.items()},
+        run_seed=cfg.run.seed, local_steps=cfg.fed.local_steps, lr=cfg.zo.lr, eps=cfg.zo.eps,
+        batch_size=cfg.zo.batch_size, weighting=cfg.fed.weighting, downlink=cfg.fed.downlink,
+        sample_fraction=cfg.fed.sample_fraction, sample_count=cfg.fed.sample_count,
+    )
+    runtime = ClientRuntime(params=params, scorer=data.scorer, train=data.train, initial_values=initial)
+    return Federation(cfg, data, partition, params, server, clients, runtime)
+
+
+def evaluate(fed: Federation) -> float:
+    fed.params.write(fed.server.values)
+    return fed.data.scorer.accuracy(fed.data.test, batch_size=fed.cfg.task.eval_batch_size)
+
+
+def round_record(result: RoundResult, seconds: float, accuracy: float | None) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "round": result.round + 1,
+        "train_loss": result.train_loss,
+        "bytes_up": sum(result.bytes_up.values()),
+        "bytes_down": sum(result.bytes_down.values()),
+        "seconds": seconds,
+        "clients": result.accepted,
+        "rejected": {str(k): v for k, v in result.rejected.items()},
+        "bytes_up_by_client": {str(k): v for k, v in result.bytes_up.items()},
+        "bytes_down_by_client": {str(k): v for k, v in result.bytes_down.items()},
+        **result.metrics,
+    }
+    if accuracy is not None:
+        record["eval_accuracy"] = accuracy
+    return record
+
+
+def save_checkpoint(run: RunDir, fed: Federation, zero_shot: float | None, wall: float) -> None:
+    tensors, state = fed.server.state_dict()
+    for client in fed.clients.values():  # clients synced to the same round hold identical values: store once
+        if client.values is not None:
+            tensors.setdefault(f"synced.{client.synced_round}", client.values.clone())
+    state["clients"] = {str(cid): c.state_dict() for cid, c in fed.clients.items()}
+    state["zero_shot_accuracy"], state["wall_seconds"] = zero_shot, wall
+    run.save_checkpoint(tensors, state)
+
+
+def load_checkpoint(run: RunDir, fed: Federation) -> tuple[float | None, float]:
+    tensors, state = run.load_checkpoint()
+    fed.server.load_state_dict(tensors, state)
+    for cid, client in fed.clients.items():
+        client_state = state["clients"][str(cid)]
+        values = tensors.get(f"synced.{client_state['synced_round']}")
+        client.load_state_dict(client_state, None if values is None else values.to(fed.params.device))
+    run.truncate_metrics(fed.server.round)
+    return state["zero_shot_accuracy"], state["wall_seconds"]
+
+
+def simulate(
+    cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
+    transport: Transport | None = None, stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg.fed.rounds`` federated rounds; write the run folder; return the summary.
+
+    ``stop_after`` ends the process-local loop early (as an interruption would), for tests of resume.
+    """
+    started = time.perf_counter()
+    run = RunDir(out) if resume else RunDir.create(out, cfg)
+    fed = build_federation(cfg)
+    transport = transport or InProcessTransport(fed.clients, fed.runtime)
+    zero_shot, wall_before = None, 0.0
+    if resume and run.has_checkpoint():
+        zero_shot, wall_before = load_checkpoint(run, fed)
+    elif not resume or not run.has_checkpoint():
+        save_partition(fed.partition, run.path / "partition.json")
+        (run.path / "partition.txt").write_text(format_histogram(fed.data.train_labels, fed.partition) + "\n")
+        zero_shot = evaluate(fed) if cfg.run.zero_shot else None
+        run.write_json("zero_shot.json", {"zero_shot_accuracy": zero_shot})
+    if zero_shot is None and (run.path / "zero_shot.json").exists():
+        zero_shot = run.read_json("zero_shot.json")["zero_shot_accuracy"]
+
+    rounds, every = cfg.fed.rounds, cfg.run.eval_every or cfg.fed.rounds
+    accuracy = zero_shot
+    bar = tqdm(total=rounds, initial=fed.server.round, desc=method_name(cfg), unit="round", disable=not progress)
+    while fed.server.round < rounds:
+        if stop_after is not None and fed.server.round >= stop_after:
+            break
+        tic = time.perf_counter()
+        plans, encoded = fed.server.configure_round()
+        result = fed.server.aggregate_round(plans, encoded, transport.send_and_receive(encoded))
+        done = result.round + 1
+        evaluated = None
+        if done % every == 0 or done == rounds:
+            evaluated = accuracy = evaluate(fed)
+        run.append_metrics(round_record(result, time.perf_counter() - tic, evaluated))
+        if done % cfg.run.checkpoint_every == 0 or done == rounds:
+            save_checkpoint(run, fed, zero_shot, wall_before + time.perf_counter() - started)
+        bar.update(1)
+        bar.set_postfix(loss=f"{result.train_loss:.4f}" if result.train_loss is not None else "-",
+                        acc=f"{accuracy:.3f}" if accuracy is not None else "-")
+    bar.close()
+    if fed.server.round < rounds:
+        return {"interrupted_at_round": fed.server.round}
+
+    save_patch(run.patch_path, fed.params.mask, fed.server.values, {"task": cfg.task.name, "rounds": str(rounds)})
+    rows = run.read_metrics()
+    summary = {
+        "method": method_name(cfg),
+        "task": cfg.task.name,
+        "mask_kind": fed.params.mask.kind,
+        "density": float(fed.params.mask.meta.get("density", 1.0)),
+        "trainable_values": fed.params.size,
+        "num_clients": cfg.fed.num_clients,
+        "local_steps": cfg.fed.local_steps,
+        "rounds": rounds,
+        "partition": cfg.fed.partition,
+        "downlink": cfg.fed.downlink,
+        "zero_shot_accuracy": zero_shot,
+        "final_eval_accuracy": accuracy,
+        "bytes_up_per_round": float(np.mean([r["bytes_up"] for r in rows])) if rows else 0.0,
+        "bytes_down_per_round": float(np.mean([r["bytes_down"] for r in rows])) if rows else 0.0,
+        "bytes_total": int(sum(r["bytes_up"] + r["bytes_down"] for r in rows)),
+        "rejected_replies": fed.server.rejected_total,
+        "wall_seconds": wall_before + time.perf_counter() - started,
+    }
+    run.write_json("summary.json", summary)
+    return summary

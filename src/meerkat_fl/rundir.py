@@ -1,0 +1,114 @@
+"""The run folder: resolved config, metrics.jsonl, summary.json, checkpoints, the final patch.
+
+Every write is atomic (temp file, then rename), so a run killed at any instant (kill -9 included) leaves
+a folder it can resume from: the checkpoint says which round it holds, and metrics after it are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from meerkat_fl.config import Config, to_toml
+from meerkat_fl.errors import ConfigError
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf become null so metrics stay valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RunDir:
+    """One run's folder."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, cfg: Config) -> "RunDir":
+        run = cls(path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(run.path / "config.toml", to_toml(cfg).encode())
+        return run
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.toml"
+
+    @property
+    def patch_path(self) -> Path:
+        return self.path / "patch.safetensors"
+
+    def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
+        with open(self.path / name, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_json_safe(record)) + "\n")
+            handle.flush()
+
+    def read_metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+        path = self.path / name
+        if not path.exists():
+            return []
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: everything after it is dropped too
+                break
+        return rows
+
+    def truncate_metrics(self, last_round: int, key: str = "round", name: str = "metrics.jsonl") -> None:
+        """Keep only the metric lines up to ``last_round`` (used on resume)."""
+        rows = [r for r in self.read_metrics(name) if r.get(key, -1) <= last_round]
+        _atomic_write(self.path / name, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+    def write_json(self, name: str, data: Any) -> None:
+        _atomic_write(self.path / name, (json.dumps(_json_safe(data), indent=2) + "\n").encode())
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text(encoding="utf-8"))
+
+    def save_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()} or {"empty": torch.zeros(0)}
+        tmp = self.path / (CHECKPOINT + ".tmp")
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(state)})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        tmp.replace(self.path / CHECKPOINT)
+
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).exists()
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        path = self.path / CHECKPOINT
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                state = json.loads((handle.metadata() or {})["state"])
+            return load_file(str(path)), state
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"{path}: cannot read the checkpoint ({exc})") from None

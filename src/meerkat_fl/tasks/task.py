@@ -1,0 +1,193 @@
+"""A classification task: prompt template, verbalizer, and where each split's data can be found.
+
+Data for a split is looked up in this order: an explicit file `path`, the task's file under
+`data_dir` (a directory laid out like shared/data), the Hugging Face hub (only if `datasets` is
+installed and reachable). If none works, DataError says which of the three the user can provide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from meerkat_fl.errors import ConfigError, DataError
+from meerkat_fl.tasks.base import ClassificationData
+from meerkat_fl.tasks.hub import read_hub
+from meerkat_fl.tasks.loaders import Examples, label_decoder, read_examples
+from meerkat_fl.tasks.sources import FileSource, SplitSource
+
+# [choice] Tasks with only one complete labelled file (SuperGLUE val, MR, CR, Subj) are split 70/30,
+# stratified by label, into train/test by a seeded hash of the row number (holdout_indices);
+# the seed is fixed so every run and every client sees the same test set.
+HOLDOUT_TEST_FRACTION = 0.3
+HOLDOUT_SEED = 0
+
+
+def holdout_indices(labels: np.ndarray, part: str, test_fraction: float, seed: int) -> np.ndarray:
+    """Sorted row indices of the 'train' or 'test' part of a seeded, label-stratified split.
+
+    Within each label, rows are ranked by sha256(f"{seed}:{row}") and the first
+    round(count * test_fraction) go to 'test'; the split depends only on the labels, the fraction
+    and the seed (not on numpy's RNG or version).
+    """
+    if part not in ("train", "test"):
+        raise DataError(f"holdout part must be 'train' or 'test', got {part!r}")
+    chosen: list[int] = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label).tolist()
+        rows.sort(key=lambda row: hashlib.sha256(f"{seed}:{row}".encode()).digest())
+        test_count = round(len(rows) * test_fraction)
+        chosen.extend(rows[:test_count] if part == "test" else rows[test_count:])
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """`pattern.format_map(fields)`; the pattern must end right before the label word (no trailing space)."""
+
+    pattern: str
+
+    def __post_init__(self) -> None:
+        if self.pattern != self.pattern.rstrip():
+            raise ConfigError(
+                f"template {self.pattern!r} ends with whitespace; the label word carries the space"
+            )
+
+    @property
+    def fields(self) -> frozenset[str]:
+        return frozenset(name for _, name, _, _ in string.Formatter().parse(self.pattern) if name)
+
+    def __call__(self, fields: Mapping[str, str]) -> str:
+        return self.pattern.format_map(fields)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A classification task scored by the language model's next-token logits of the label words."""
+
+    name: str
+    label_words: tuple[str, ...]  # one single-token word per label, e.g. (" terrible", " great")
+    template: Callable[[Mapping[str, str]], str]  # text fields -> prompt ending before the label word
+    sources: Mapping[str, SplitSource]  # split name ("train", "test", ...) -> where to find it
+    text_fields: tuple[str, ...]  # fields the template reads; also the columns of a file given by path
+    label_names: tuple[str, ...]  # human names, index = label; accepted as raw labels in files
+
+    def __post_init__(self) -> None:
+        if len(self.label_words) < 2 or len(self.label_names) != len(self.label_words):
+            raise ConfigError(
+                f"task {self.name!r}: needs >= 2 label words and one name per word, got "
+                f"words {self.label_words} and names {self.label_names}"
+            )
+        keys = [w.strip().lower() for w in self.label_words] + [n.strip().lower() for n in self.label_names]
+        for index, key in enumerate(keys):
+            other = keys.index(key)
+            if other % self.num_labels != index % self.num_labels:
+                raise ConfigError(f"task {self.name!r}: label {key!r} names two different classes")
+        if isinstance(self.template, PromptTemplate) and self.template.fields != set(self.text_fields):
+            raise ConfigError(
+                f"task {self.name!r}: template fields {sorted(self.template.fields)} "
+                f"differ from text_fields {list(self.text_fields)}"
+            )
+        for split, source in self.sources.items():
+            for spec in (source.file, source.hub):
+                bad = {
+                    k: v for k, v in ((spec and spec.label_map) or {}).items() if not 0 <= v < self.num_labels
+                }
+                if bad:
+                    raise ConfigError(
+                        f"task {self.name!r}, split {split!r}: label_map values out of range {bad}"
+                    )
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_words)
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.sources)
+
+    def load(
+        self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None
+    ) -> ClassificationData:
+        """Prompts and labels of `split`, from `path`, else `data_dir`, else the hub (see module doc).
+
+        A file given by `path` is read as is (no holdout split): a .csv/.tsv with a header or .jsonl,
+        optionally .gz, with columns `text_fields` and `label` (an index, a label name or word).
+        """
+        if path is not None:
+            identity = {field: field for field in self.text_fields}
+            return self._prompts(
+                read_examples(
+                    path, identity, label_decoder(self.num_labels, self.label_names, self.label_words)
+                )
+            )
+        source = self.sources.get(split)
+        if source is None:
+            raise ConfigError(f"task {self.name!r} has no split {split!r}; known splits: {self.splits}")
+        tried: list[str] = []
+        if data_dir is not None:
+            if source.file is None:
+                tried.append(f"no local file is known for {self.name!r} split {split!r}")
+            else:
+                file_path = Path(data_dir) / source.file.relpath
+                if file_path.is_file():
+                    return self._prompts(self._read_file(source.file, file_path))
+                tried.append(f"{file_path} does not exist")
+        if source.hub is not None:
+            hub = source.hub
+            decode = label_decoder(self.num_labels, overrides=hub.label_map)
+            result = read_hub(hub.name, hub.config, hub.split, hub.fields, decode, hub.label_column)
+            if isinstance(result, Examples):
+                return self._prompts(result)
+            tried.append(f"Hugging Face {hub.name!r}: {result}")
+        raise DataError(self._missing_message(split, source, tried))
+
+    def _read_file(self, spec: FileSource, file_path: Path) -> Examples:
+        decode = label_decoder(self.num_labels, self.label_names, self.label_words, spec.label_map)
+        examples = read_examples(
+            file_path,
+            spec.fields,
+            decode,
+            label_column=spec.label_column,
+            kind=spec.kind,
+            columns=spec.columns,
+            encoding=spec.encoding,
+            drop_empty=spec.drop_empty,
+        )
+        if spec.holdout is None:
+            return examples
+        return examples.subset(
+            holdout_indices(examples.labels, spec.holdout, HOLDOUT_TEST_FRACTION, HOLDOUT_SEED)
+        )
+
+    def _prompts(self, examples: Examples) -> ClassificationData:
+        try:
+            prompts = [self.template(row) for row in examples.fields]
+        except KeyError as exc:
+            raise DataError(
+                f"{examples.source}: task {self.name!r} template needs field {exc.args[0]!r}"
+            ) from None
+        return ClassificationData(prompts, examples.labels, examples.source)
+
+    def _missing_message(self, split: str, source: SplitSource, tried: list[str]) -> str:
+        columns = ", ".join([*self.text_fields, "label"])
+        options = [f"(1) path= a local .csv/.tsv/.jsonl file (optionally .gz) with columns {columns}"]
+        where = f" holding {source.file.relpath}" if source.file else ""
+        options.append(
+            f"(2) data_dir= (or MEERKAT_DATA_DIR for the CLI) a directory laid out like shared/data{where}"
+        )
+        if source.hub is not None:
+            options.append(
+                f"(3) network access to the Hugging Face dataset {source.hub.name!r} (needs `datasets`)"
+            )
+        else:
+            options.append("(3) network access to a Hugging Face dataset: none is known for this split")
+        detail = f" Tried: {'; '.join(tried)}." if tried else ""
+        return (
+            f"no data for task {self.name!r} split {split!r}. Provide one of: {'; '.join(options)}.{detail}"
+        )

@@ -1,0 +1,161 @@
+"""The zeroth-order core: seeded noise, masked values, the two-point SPSA step, apply and replay.
+
+Everything here is a pure function of (seed, mask, values, scalars) except `MaskedParams.write`, which
+writes a flat vector of masked values into a model. The trainable state is always a flat float32 vector
+of the masked coordinates (the *master copy*, method doc section 3): the model's own tensors, whatever
+their dtype, are only ever written from it, so perturb/restore is a copy and is bit-exact.
+
+Noise is generated per trainable tensor ("segment") on the CPU, from a generator seeded by
+``segment_seed(seed, position)``, in the mask's canonical tensor order, then moved to the device. A
+segment is never larger than one tensor's masked values, so dense (full-parameter) ZO never holds a
+full-size noise vector: it streams one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from meerkat_fl.errors import MaskMismatch
+from meerkat_fl.masks import Mask
+
+_MASK64 = (1 << 64) - 1
+
+
+def segment_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed for tensor ``position`` of the noise drawn from ``seed`` (splitmix64)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+def segment_noise(seed: int, position: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard Gaussian noise (float32, ``size`` values) for one tensor, generated on the CPU."""
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(segment_seed(seed, position))
+    z = torch.randn(size, generator=generator, dtype=torch.float32)
+    return z if torch.device(device).type == "cpu" else z.to(device)
+
+
+def noise(seed: int, mask: Mask, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The full noise vector z for ``seed`` over the mask's coordinates, in canonical order.
+
+    Allocates ``mask.size`` floats: meant for sparse masks and tests. Hot paths stream segments instead.
+    """
+    sizes = mask.sizes
+    return torch.cat([segment_noise(seed, i, n, device) for i, n in enumerate(sizes)])
+
+
+def round_scalar(value: float) -> float:
+    """Round a projected gradient to float32, the precision it travels in, so both sides use one value."""
+    return float(np.float32(value))
+
+
+class MaskedParams:
+    """Binds a model's tensors to a mask; reads and writes the masked values as one flat float32 vector."""
+
+    def __init__(self, model: torch.nn.Module, mask: Mask):
+        named = dict(model.named_parameters())
+        self.mask = mask
+        self.tensors: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor | None] = []
+        for name, shape, idx in zip(mask.names, mask.shapes, mask.indices):
+            if name not in named:
+                raise MaskMismatch(f"mask tensor {name!r} does not exist in the model")
+            tensor = named[name]
+            if tuple(tensor.shape) != tuple(shape):
+                raise MaskMismatch(f"mask tensor {name!r} has shape {tuple(shape)}, model has {tuple(tensor.shape)}")
+            self.tensors.append(tensor)
+            self.indices.append(None if idx is None else idx.to(tensor.device))
+        self.offsets = np.concatenate([[0], np.cumsum(mask.sizes)]).astype(np.int64)
+        self.device = self.tensors[0].device if self.tensors else torch.device("cpu")
+
+    @property
+    def size(self) -> int:
+        """Number of masked values."""
+        return int(self.offsets[-1])
+
+    def segments(self) -> Iterator[tuple[int, slice, torch.Tensor, torch.Tensor | None]]:
+        """(position, slice into the flat vector, model tensor, flat indices or None for the whole tensor)."""
+        for i, (tensor, idx) in enumerate(zip(self.tensors, self.indices)):
+            yield i, slice(int(self.offsets[i]), int(self.offsets[i + 1])), tensor, idx
+
+    @torch.no_grad()
+    def gather(self) -> torch.Tensor:
+        """A float32 copy of the model's current masked values (the master copy to train)."""
+        out = torch.empty(self.size, dtype=torch.float32, device=self.device)
+        for _, sl, tensor, idx in self.segments():
+            flat = tensor.detach().reshape(-1)
+            out[sl] = (flat if idx is None else flat[idx]).float()
+        return out
+
+    @torch.no_grad()
+    def write(self, values: torch.Tensor, *, seed: int | None = None, scale: float = 0.0) -> None:
+        """Write ``values + scale * z(seed)`` into the model's masked coordinates (``values`` unchanged).
+
+        With ``seed=None`` this writes ``values`` exactly: the restore step and the way a client is switched in.
+        """
+        for i, sl, tensor, idx in self.segments():
+            segment = values[sl]
+            if seed is not None and scale != 0.0:
+                segment = segment + scale * segment_noise(seed, i, segment.numel(), segment.device)
+            segment = segment.to(tensor.dtype)
+            if idx is None:
+                tensor.copy_(segment.view_as(tensor))
+            else:
+                tensor.view(-1)[idx] = segment
+
+
+@dataclass(frozen=True)
+class Step:
+    """One two-point SPSA step: the seed of its noise and the projected gradient (float32-exact)."""
+
+    seed: int
+    scalar: float
+    loss: float  # mean of the two perturbed losses: the batch-loss estimate at the current point
+    skipped: bool = False  # a perturbed loss was NaN/inf: scalar is 0 and no update is applied
+
+
+def zo_step(loss_fn: Callable[[], float], params: MaskedParams, values: torch.Tensor, seed: int, eps: float) -> Step:
+    """Two-point SPSA on the masked coordinates; the model is left holding exactly ``values``.
+
+    g = [f(w + eps*z) - f(w - eps*z)] / (2*eps), z ~ N(0, I) over the mask from ``seed``.
+    """
+    params.write(values, seed=seed, scale=eps)
+    loss_plus = loss_fn()
+    params.write(values, seed=seed, scale=-eps)
+    loss_minus = loss_fn()
+    params.write(values)  # restore by copy: bit-exact (STYLE 15)
+    if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+        return Step(seed=seed, scalar=0.0, loss=float("nan"), skipped=True)
+    scalar = round_scalar((loss_plus - loss_minus) / (2.0 * eps))
+    return Step(seed=seed, scalar=scalar, loss=(loss_plus + loss_minus) / 2.0)
+
+
+@torch.no_grad()
+def apply_step(values: torch.Tensor, mask: Mask, seed: int, scalar: float, lr: float) -> torch.Tensor:
+    """In place: values -= lr * scalar * z(seed). The client's update and the server's replay are this call."""
+    if scalar == 0.0 or lr == 0.0:
+        return values
+    offset = 0
+    for i, n in enumerate(mask.sizes):
+        z = segment_noise(seed, i, n, values.device)
+        values[offset : offset + n].add_(z, alpha=-lr * scalar)
+        offset += n
+    return values
+
+
+def replay(
+    values: torch.Tensor, mask: Mask, path: Sequence[tuple[int, float]], lr: float | Sequence[float]
+) -> torch.Tensor:
+    """Replay a virtual path of (seed, scalar) pairs from ``values``; returns a new vector."""
+    out = values.clone()
+    lrs = [lr] * len(path) if isinstance(lr, (int, float)) else list(lr)
+    for (seed, scalar), step_lr in zip(path, lrs, strict=True):
+        apply_step(out, mask, seed, scalar, step_lr)
+    return out

@@ -1,0 +1,56 @@
+"""Config: TOML, dotted overrides, validation naming the key, resolved round trip."""
+
+import pytest
+
+from meerkat_fl import config
+from meerkat_fl.errors import ConfigError
+
+
+def test_overrides_use_toml_values():
+    cfg = config.load(None, ["fed.rounds=7", "zo.lr=1e-3", "task.name=ag_news", "task.eval_size=none",
+                             "vp.early_window=[0, 10]"])
+    assert cfg.fed.rounds == 7 and cfg.zo.lr == 1e-3 and cfg.task.name == "ag_news"
+    assert cfg.task.eval_size is None and cfg.vp.early_window == (0, 10)
+
+
+def test_int_is_accepted_for_float():
+    assert config.load(None, ["zo.eps=1"]).zo.eps == 1.0
+
+
+@pytest.mark.parametrize("override,key", [
+    ("fed.roundz=3", "fed.roundz"),
+    ("nope.x=1", "nope"),
+    ("fed.rounds=ten", "fed.rounds"),
+    ("fed.rounds=1.5", "fed.rounds"),
+    ("mask.kind=sparse", "mask.kind"),
+    ("mask.density=2", "mask.density"),
+    ("zo.eps=0", "zo.eps"),
+    ("fed.sample_count=99", "fed.sample_count"),
+])
+def test_bad_overrides_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.load(None, [override])
+
+
+def test_toml_file_round_trip(tmp_path):
+    cfg = config.load(None, ["fed.rounds=3", "mask.kind=dense", "vp.late_window=[40, 80]"])
+    path = tmp_path / "c.toml"
+    path.write_text(config.to_toml(cfg))
+    assert config.load(path) == cfg
+
+
+def test_bad_toml_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[fed\nrounds=")
+    with pytest.raises(ConfigError, match="bad.toml"):
+        config.load(path)
+    with pytest.raises(ConfigError, match="missing.toml"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_environment_fills_data_dir_only_at_the_boundary(tmp_path):
+    (tmp_path / "calibration" / "wikitext-2").mkdir(parents=True)
+    cfg = config.resolve_environment(config.Config(), {"MEERKAT_DATA_DIR": str(tmp_path)})
+    assert cfg.task.data_dir == str(tmp_path)
+    assert cfg.mask.calibration.endswith("wikitext-2")
+    assert config.Config().task.data_dir is None

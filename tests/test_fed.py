@@ -1,0 +1,206 @@
+"""Federated rounds on the tiny model: replay, aggregation, downlinks, bytes, rejection, resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from meerkat_fl import config
+from meerkat_fl.fed.aggregate import aggregate_paths, client_endpoint, normalised_weights
+from meerkat_fl.fed.messages import (
+    ClientUpdate, decode_plan, decode_update, encode_plan, encode_update,
+)
+from meerkat_fl.fed.simulate import build_federation, simulate
+from meerkat_fl.fed.strategies import heterogeneity_index, personalised_lrs
+from meerkat_fl.fed.transport import InProcessTransport
+from meerkat_fl.patch import load_patch
+
+
+def one_round(fed, transport=None):
+    transport = transport or InProcessTransport(fed.clients, fed.runtime)
+    plans, encoded = fed.server.configure_round()
+    replies = transport.send_and_receive(encoded)
+    return plans, encoded, replies, fed.server.aggregate_round(plans, encoded, replies)
+
+
+def test_server_replay_equals_the_clients_own_trained_values_bit_for_bit(tiny_cfg):
+    fed = build_federation(tiny_cfg)
+    start = fed.server.values.clone()
+    plans, _, _ = fed.server.configure_round()[0], None, None
+    for cid, plan in plans.items():
+        update = fed.clients[cid].fit(plan, fed.runtime)
+        trained = fed.params.gather()  # the shared model holds what the client trained
+        from meerkat_fl.fed.messages import ClientPath
+
+        path = ClientPath(0, cid, 1.0, plan.lr, plan.seeds, update.scalars)
+        assert torch.equal(client_endpoint(start, fed.params.mask, path), trained)
+        assert not torch.equal(trained, start)
+
+
+def test_aggregation_equals_the_hand_computed_weighted_mean(tiny_cfg):
+    fed = build_federation(tiny_cfg)
+    start = fed.server.values.clone()
+    _, _, _, result = one_round(fed)
+    sizes = {cid: fed.clients[cid].num_examples for cid in result.accepted}
+    endpoints = {p.client_id: client_endpoint(start, fed.params.mask, p).double().numpy() for p in result.paths}
+    by_hand = sum(sizes[c] * endpoints[c] for c in sizes) / sum(sizes.values())
+    np.testing.assert_allclose(fed.server.values.double().numpy(), by_hand, rtol=0, atol=1e-6)
+    assert not torch.equal(fed.server.values, start)
+
+
+def test_uniform_weighting():
+    assert normalised_weights({0: 10, 1: 30}, "uniform") == {0: 0.5, 1: 0.5}
+    assert normalised_weights({0: 10, 1: 30}, "data_size") == {0: 0.25, 1: 0.75}
+
+
+def test_both_downlink_modes_reach_the_same_global_model(tiny_cfg, tmp_path):
+    tiny_cfg.run.eval_every = 0
+    values = simulate(tiny_cfg, tmp_path / "v", progress=False)
+    scalars_cfg = config.apply_overrides(tiny_cfg, ["fed.downlink=scalars"])
+    scalars = simulate(scalars_cfg, tmp_path / "s", progress=False)
+    a, b = load_patch(tmp_path / "v" / "patch.safetensors"), load_patch(tmp_path / "s" / "patch.safetensors")
+    assert torch.equal(a.values, b.values)
+    assert scalars["bytes_down_per_round"] < values["bytes_down_per_round"]
+
+
+def test_clients_replaying_scalars_hold_the_servers_model(tiny_cfg):
+    cfg = config.apply_overrides(tiny_cfg, ["fed.downlink=scalars"])
+    fed = build_federation(cfg)
+    for _ in range(3):
+        before = fed.server.values.clone()
+        one_round(fed)
+    # after round 3 each client has replayed rounds 0..1; replaying round 2 gives the server's values
+    last = [p for p in fed.server.history[2]]
+    for client in fed.clients.values():
+        assert client.synced_round == 1
+        assert torch.equal(aggregate_paths(client.values, fed.params.mask, last), fed.server.values)
+    assert not torch.equal(before, fed.server.values)
+
+
+def test_byte_counts_equal_the_serialised_message_lengths(tiny_cfg):
+    fed = build_federation(tiny_cfg)
+    plans, encoded, replies, result = one_round(fed)
+    for cid in plans:
+        assert result.bytes_down[cid] == len(encode_plan(plans[cid])) == len(encoded[cid])
+        assert result.bytes_up[cid] == len(replies[cid]) == len(encode_update(decode_update(replies[cid])))
+    # scalar communication: the uplink carries T float32 scalars (+ T losses) and a small header
+    T = tiny_cfg.fed.local_steps
+    assert all(n < 200 + 8 * T for n in result.bytes_up.values())
+    assert all(n > 4 * fed.params.size for n in result.bytes_down.values())
+
+
+def test_message_round_trip():
+    update = ClientUpdate(3, 1, np.array([0.5, -1.25], np.float32), np.array([0.7, 0.6], np.float32), 17,
+                          {"skipped_steps": 0.0})
+    back = decode_update(encode_update(update))
+    assert back.round == 3 and back.client_id == 1 and back.num_examples == 17
+    assert np.array_equal(back.scalars, update.scalars)
+
+
+@pytest.mark.parametrize("n", [3, 7])
+def test_fedmezo_personalised_lr_formula(n):
+    rng = np.random.default_rng(n)
+    signals = {k: float(v) for k, v in enumerate(rng.uniform(0, 5, size=n))}
+    lrs = personalised_lrs(1e-3, 5e-6, signals)
+    mean = np.mean(list(signals.values()))
+    spread = max(abs(d - mean) for d in signals.values())
+    for k, d in signals.items():
+        assert lrs[k] == pytest.approx(1e-3 + 5e-6 * (d - mean) / spread, rel=1e-12)
+    phi = heterogeneity_index(signals)
+    assert max(abs(v) for v in phi.values()) == pytest.approx(1.0)
+    assert sum(phi.values()) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_fedmezo_runs_and_personalises(tiny_cfg, tmp_path):
+    cfg = config.apply_overrides(tiny_cfg, ["fed.strategy=fedmezo", "fedmezo.lr_scale=1e-3"])
+    simulate(cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = rows[-1]["fedmezo_lr"]
+    assert len(set(lrs.values())) > 1 and all(v >= 0 for v in lrs.values())
+
+
+class Tamper:
+    """A transport that corrupts one client's reply."""
+
+    def __init__(self, inner, victim, how):
+        self.inner, self.victim, self.how = inner, victim, how
+
+    def send_and_receive(self, plans):
+        replies = self.inner.send_and_receive(plans)
+        if self.victim in replies:
+            replies[self.victim] = self.how(replies[self.victim])
+        return replies
+
+
+def _with_scalars(reply, scalars):
+    update = decode_update(reply)
+    return encode_update(ClientUpdate(update.round, update.client_id, np.asarray(scalars, np.float32),
+                                      update.losses, update.num_examples))
+
+
+@pytest.mark.parametrize("how,reason", [
+    (lambda r: _with_scalars(r, [1.0]), "scalars for"),
+    (lambda r: _with_scalars(r, [float("nan"), 1.0]), "non-finite"),
+    (lambda r: _with_scalars(r, [1e30, 1.0]), "bound"),
+    (lambda r: b"\x00garbage" * 10, "not a meerkat message"),
+    (lambda r: r[:-3], "past the end"),
+    (lambda r: None, "no reply"),
+])
+def test_a_bad_reply_is_rejected_counted_and_the_others_still_aggregate(tiny_cfg, how, reason):
+    fed = build_federation(tiny_cfg)
+    good = build_federation(tiny_cfg)
+    transport = Tamper(InProcessTransport(fed.clients, fed.runtime), 0, how)
+    plans, _, _, result = one_round(fed, transport)
+    assert 0 in result.rejected and reason in result.rejected[0]
+    assert fed.server.rejected_total == 1 and 0 not in result.accepted
+    # the global model equals aggregating the honest clients alone
+    _, _, _, honest = one_round(good)
+    paths = [p for p in honest.paths if p.client_id != 0]
+    weights = normalised_weights({p.client_id: good.clients[p.client_id].num_examples for p in paths}, "data_size")
+    from dataclasses import replace
+
+    expected = aggregate_paths(fed.runtime.initial_values, fed.params.mask,
+                               [replace(p, weight=weights[p.client_id]) for p in paths])
+    assert torch.equal(fed.server.values, expected)
+
+
+def test_when_every_reply_is_bad_the_global_model_is_untouched(tiny_cfg):
+    fed = build_federation(tiny_cfg)
+    start = fed.server.values.clone()
+
+    class Silent:
+        def send_and_receive(self, plans):
+            return {cid: None for cid in plans}
+
+    one_round(fed, Silent())
+    assert torch.equal(fed.server.values, start)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_cfg, tmp_path):
+    cfg = config.apply_overrides(tiny_cfg, ["fed.rounds=4", "fed.strategy=fedmezo", "fed.downlink=scalars"])
+    full = simulate(cfg, tmp_path / "full", progress=False)
+    partial = simulate(cfg, tmp_path / "cut", progress=False, stop_after=2)
+    assert partial == {"interrupted_at_round": 2}
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as handle:  # a half-written line, as a kill -9 leaves
+        handle.write('{"round": 3, "train_lo')
+    resumed = simulate(cfg, tmp_path / "cut", progress=False, resume=True)
+    assert torch.equal(load_patch(tmp_path / "full" / "patch.safetensors").values,
+                       load_patch(tmp_path / "cut" / "patch.safetensors").values)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert strip(read(tmp_path / "full")) == strip(read(tmp_path / "cut"))
+    assert resumed["final_eval_accuracy"] == full["final_eval_accuracy"]
+
+
+def test_run_folder_has_the_promised_files(tiny_cfg, tmp_path):
+    summary = simulate(tiny_cfg, tmp_path, progress=False)
+    for name in ("config.toml", "metrics.jsonl", "summary.json", "patch.safetensors", "checkpoint.safetensors",
+                 "partition.json", "partition.txt"):
+        assert (tmp_path / name).exists(), name
+    for key in ("method", "task", "num_clients", "local_steps", "rounds", "zero_shot_accuracy",
+                "final_eval_accuracy", "bytes_up_per_round", "bytes_down_per_round", "wall_seconds"):
+        assert key in summary
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"round", "train_loss", "eval_accuracy", "bytes_up", "bytes_down", "seconds"} <= set(row)
+    assert config.load(tmp_path / "config.toml") == tiny_cfg
