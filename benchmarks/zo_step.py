@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from meerkat_fl import memory
 from meerkat_fl.errors import MeerkatError
 from meerkat_fl.masks import Mask, build_mask, load_mask, save_mask
 from meerkat_fl.models import load_model
@@ -257,27 +257,13 @@ def prototype_parts(params: MaskedParams, values: torch.Tensor, reps: int) -> di
 # ---- peak memory, in a fresh child process per workload -------------------------------------------------
 
 
-def _status_mb(field: str) -> float:
-    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    return int(match.group(1)) / 1024 if match else float("nan")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0, /proc/self/clear_refs "5"); False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure_peak(kind: str, data_dir: Path, mask_path: Path | None) -> dict[str, float | bool]:
     """Child: load + warm up (one forward), then run the workload; peak RSS overall and over the setup RSS."""
     work = Workloads(data_dir, mask_path)
     work.loss_fn()  # warm-up forward: lazy allocations belong to the setup, not to the workload
-    setup_rss = _status_mb("VmRSS")
-    setup_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    reset = _reset_peak()
+    setup_rss = memory.rss_mb()
+    setup_maxrss = memory.lifetime_peak_mb()
+    reset = memory.reset_peak()
     if kind == "inference":
         for _ in range(PEAK_REPEATS):
             work.two_forward()
@@ -285,8 +271,8 @@ def measure_peak(kind: str, data_dir: Path, mask_path: Path | None) -> dict[str,
         params, values = work.bind(kind)  # the master copy is part of what training holds
         for _ in range(PEAK_REPEATS):
             work.step(params, values)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    workload_peak = _status_mb("VmHWM") if reset else maxrss
+    maxrss = memory.lifetime_peak_mb()
+    workload_peak = memory.peak_mb() if reset else maxrss
     return {
         "ru_maxrss_mb": maxrss,  # lifetime peak, model loading included
         "setup_ru_maxrss_mb": setup_maxrss,

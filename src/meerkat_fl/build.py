@@ -41,10 +41,22 @@ def subsample(data: ClassificationData, size: int | None, seed: int) -> Classifi
     return data.subset(np.sort(order))
 
 
+def hold_out(data: ClassificationData, size: int) -> tuple[ClassificationData, ClassificationData]:
+    """(rest, validation): a fixed slice of ``size`` examples held out of a training split, independent of the
+    run seed so every run tunes on the same examples."""
+    if not 0 < size < len(data):
+        raise DataError(f"validation_size {size} must be between 1 and the training split's {len(data) - 1}")
+    order = np.random.default_rng([0x7A11D, len(data)]).permutation(len(data))
+    return data.subset(np.sort(order[size:])), data.subset(np.sort(order[:size]))
+
+
 def build_task_data(task_cfg: TaskConfig, loaded: LoadedModel, seed: int) -> TaskData:
     task = get_task(task_cfg.name)
     train = task.load("train", path=task_cfg.train_path, data_dir=task_cfg.data_dir)
-    test = task.load("test", path=task_cfg.test_path, data_dir=task_cfg.data_dir)
+    if task_cfg.eval_split == "validation":
+        train, test = hold_out(train, task_cfg.validation_size)
+    else:
+        test = task.load("test", path=task_cfg.test_path, data_dir=task_cfg.data_dir)
     train = subsample(train, task_cfg.train_size, seed)
     test = subsample(test, task_cfg.eval_size, seed + 1)
     if len(train) == 0 or len(test) == 0:

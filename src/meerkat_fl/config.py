@@ -39,6 +39,10 @@ class TaskConfig:
     train_size: int | None = None  # seeded subsample of the training split; None = all
     eval_size: int | None = 500  # seeded subsample of the evaluation split; None = all
     eval_batch_size: int = 32
+    # test: evaluate on the task's test split. validation: on a fixed slice held out of the training split
+    # (the same for every run seed), for tuning hyper-parameters without touching the test split.
+    eval_split: str = "test"
+    validation_size: int = 500  # examples held out of the training split when eval_split = "validation"
 
 
 @dataclass
@@ -106,6 +110,8 @@ class VPConfig:
     rho_quiet: float = 0.5
     recheck_every: int = 20
     control: str = "detect"  # detect | random (random early stopping, same count)
+    log_gradip: bool = True  # write gradip.jsonl (any strategy) when the mask stores the pre-training gradient
+    gradip_cosine: bool = False  # also log cos(grad f_p, g*z) per step (analysis only)
 
 
 @dataclass
@@ -132,6 +138,7 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "fp32", "bf16", "bfloat16", "fp16", "float16"),
+    "task.eval_split": ("test", "validation"),
     "mask.kind": ("sensitive", "random", "magnitude", "dense"),
     "mask.scope": ("linear", "all"),
     "mask.selection": ("per_tensor", "global"),
@@ -145,7 +152,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "vp.control": ("detect", "random"),
 }
 POSITIVE = {
-    "zo.eps", "zo.batch_size", "task.max_length", "task.eval_batch_size", "fed.num_clients", "fed.rounds",
+    "zo.eps", "zo.batch_size", "task.max_length", "task.eval_batch_size", "task.validation_size",
+    "fed.num_clients", "fed.rounds",
     "fed.local_steps", "mask.calibration_sequences", "mask.calibration_seq_len", "mask.calibration_batch_size",
     "fed.alpha", "run.checkpoint_every", "fed.labels_per_client", "vp.calibration_steps", "vp.recheck_every",
 }
@@ -284,7 +292,19 @@ def validate(cfg: Config) -> Config:
     for key in ("task.train_size", "task.eval_size"):
         if flat[key] is not None and flat[key] < 1:
             raise ConfigError(f"{key}: must be >= 1 or none, got {flat[key]!r}")
+    _validate_vp(cfg)
     return cfg
+
+
+def _validate_vp(cfg: Config) -> None:
+    """Meerkat-vp's windows must fit in the calibration trajectory, and GradIP needs a sensitive mask."""
+    vp = cfg.vp
+    for key, (start, end) in (("vp.early_window", vp.early_window), ("vp.late_window", vp.late_window)):
+        if not 0 <= start < end <= vp.calibration_steps:
+            raise ConfigError(f"{key}: must be [start, end) with 0 <= start < end <= vp.calibration_steps "
+                              f"({vp.calibration_steps}), got {[start, end]}")
+    if cfg.fed.strategy == "meerkat_vp" and cfg.mask.kind != "sensitive" and cfg.mask.path is None:
+        raise ConfigError(f"fed.strategy=meerkat_vp needs GradIP, i.e. mask.kind=sensitive, got {cfg.mask.kind!r}")
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

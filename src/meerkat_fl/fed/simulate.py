@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from meerkat_fl.fed.transport import InProcessTransport, Transport
 from meerkat_fl.partition import Partition, format_histogram, make_partition, save_partition
 from meerkat_fl.patch import save_patch
 from meerkat_fl.rundir import RunDir
+from meerkat_fl.vp import GRADIP_LOG, gradip_records
 from meerkat_fl.zo import MaskedParams
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,19 @@ class Federation:
     runtime: ClientRuntime
 
 
-def build_federation(cfg: Config) -> Federation:
+@dataclass
+class ClientSide:
+    """What the clients need (model, data, mask, partition): built identically by the simulator and by
+    every Flower node, which is why both reach the same values."""
+
+    data: TaskData
+    partition: Partition
+    params: MaskedParams
+    clients: dict[int, Client]
+    runtime: ClientRuntime
+
+
+def build_client_side(cfg: Config) -> ClientSide:
     loaded = build_model(cfg)
     data = build_task_data(cfg.task, loaded, cfg.run.seed)
     mask = obtain_mask(cfg.mask, loaded)
@@ -67,13 +81,20 @@ def build_federation(cfg: Config) -> Federation:
     initial = params.gather()
     partition = partition_for(cfg, data.train_labels)
     clients = {k: Client(k, idx, cfg.run.seed) for k, idx in enumerate(partition.clients)}
+    runtime = ClientRuntime(params=params, scorer=data.scorer, train=data.train, initial_values=initial)
+    return ClientSide(data, partition, params, clients, runtime)
+
+
+def build_federation(cfg: Config) -> Federation:
+    side = build_client_side(cfg)
+    data, partition, params, clients, runtime = side.data, side.partition, side.params, side.clients, side.runtime
+    mask, initial = params.mask, runtime.initial_values
     server = Server(
         mask, initial.clone(), make_strategy(cfg), client_sizes={k: c.num_examples for k, c in clients.items()},
         run_seed=cfg.run.seed, local_steps=cfg.fed.local_steps, lr=cfg.zo.lr, eps=cfg.zo.eps,
         batch_size=cfg.zo.batch_size, weighting=cfg.fed.weighting, downlink=cfg.fed.downlink,
         sample_fraction=cfg.fed.sample_fraction, sample_count=cfg.fed.sample_count,
     )
-    runtime = ClientRuntime(params=params, scorer=data.scorer, train=data.train, initial_values=initial)
     return Federation(cfg, data, partition, params, server, clients, runtime)
 
 
@@ -118,20 +139,26 @@ def load_checkpoint(run: RunDir, fed: Federation) -> tuple[float | None, float]:
         values = tensors.get(f"synced.{client_state['synced_round']}")
         client.load_state_dict(client_state, None if values is None else values.to(fed.params.device))
     run.truncate_metrics(fed.server.round)
+    if (run.path / GRADIP_LOG).exists():
+        run.truncate_metrics(fed.server.round, name=GRADIP_LOG)
     return state["zero_shot_accuracy"], state["wall_seconds"]
 
 
 def simulate(
     cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
     transport: Transport | None = None, stop_after: int | None = None,
+    on_built: Callable[[Federation], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg.fed.rounds`` federated rounds; write the run folder; return the summary.
 
     ``stop_after`` ends the process-local loop early (as an interruption would), for tests of resume.
+    ``on_built`` sees the federation once it is built (benchmarks reset their memory high-water mark there).
     """
     started = time.perf_counter()
     run = RunDir(out) if resume else RunDir.create(out, cfg)
     fed = build_federation(cfg)
+    if on_built is not None:
+        on_built(fed)
     transport = transport or InProcessTransport(fed.clients, fed.runtime)
     zero_shot, wall_before = None, 0.0
     if resume and run.has_checkpoint():
@@ -145,6 +172,7 @@ def simulate(
         zero_shot = run.read_json("zero_shot.json")["zero_shot_accuracy"]
 
     rounds, every = cfg.fed.rounds, cfg.run.eval_every or cfg.fed.rounds
+    log_gradip = cfg.vp.log_gradip and fed.params.mask.pretrain_grad is not None  # GradIP, method doc section 4
     accuracy = zero_shot
     bar = tqdm(total=rounds, initial=fed.server.round, desc=method_name(cfg), unit="round", disable=not progress)
     while fed.server.round < rounds:
@@ -153,11 +181,16 @@ def simulate(
         tic = time.perf_counter()
         plans, encoded = fed.server.configure_round()
         result = fed.server.aggregate_round(plans, encoded, transport.send_and_receive(encoded))
+        if log_gradip:  # before metrics.jsonl: a round's metrics line means its GradIP lines are written
+            for record in gradip_records(result.round + 1, fed.params.mask, result.paths, cosine=cfg.vp.gradip_cosine):
+                run.append_metrics(record, name=GRADIP_LOG)
         done = result.round + 1
         evaluated = None
         if done % every == 0 or done == rounds:
             evaluated = accuracy = evaluate(fed)
-        run.append_metrics(round_record(result, time.perf_counter() - tic, evaluated))
+        record = round_record(result, time.perf_counter() - tic, evaluated)
+        record.update(getattr(transport, "round_metrics", dict)())  # e.g. Flower's wire bytes per round
+        run.append_metrics(record)
         if done % cfg.run.checkpoint_every == 0 or done == rounds:
             save_checkpoint(run, fed, zero_shot, wall_before + time.perf_counter() - started)
         bar.update(1)

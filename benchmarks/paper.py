@@ -1,0 +1,349 @@
+"""The paper's claims on the embedded SmolLM2-135M and real data: a resumable grid of federated runs.
+
+Every cell (task, method, setting, lr, seed, split) is one ``simulate`` run; its result (summary and
+accuracy/bytes curve) is cached as JSON under benchmarks/results/paper/cells/, so re-running skips finished
+cells and, with every cell cached, only rebuilds the tables and plots (seconds). Run folders go to
+runs/paper/ (not committed).
+
+Stages:
+1. tune: for each (task, method) a 3-point lr grid, seed 0, evaluated on a validation split held out of the
+   training data (task.eval_split=validation), never on the test split. The grid is centred on
+   LR_CENTRE * (1e-3 / density) (ZO's stable lr shrinks with the number of perturbed weights) times LR_FACTORS.
+2. claims: the chosen lr per (task, method), >= 3 seeds, evaluated on the test split.
+
+    python benchmarks/paper.py                              # everything (many hours on 2 cores; resumable)
+    python benchmarks/paper.py --tasks sst2 --claims 1      # a slice
+    python benchmarks/paper.py --report-only                # tables and plots from the cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from meerkat_fl import config
+from meerkat_fl.fed.simulate import simulate
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+CELLS = RESULTS / "paper" / "cells"
+RUNS = REPO / "runs" / "paper"
+
+# The shared setting (the demo's): 10 clients, Dirichlet alpha=0.5, 5 sampled per round, T=2, 8 rounds.
+BASE = [
+    "model.source='smollm2'", "task.train_size=2000", "task.eval_size=200", "task.max_length=48",
+    "task.eval_batch_size=50", "task.validation_size=400", "zo.eps=1e-3", "zo.batch_size=8",
+    "fed.num_clients=10", "fed.sample_count=5", "fed.rounds=8", "fed.local_steps=2", "fed.partition='dirichlet'",
+    "fed.alpha=0.5", "fed.downlink='values'", "run.eval_every=2", "run.checkpoint_every=4",
+]
+TASKS = ("sst2", "ag_news")
+SEEDS = (0, 1, 2)
+LR_CENTRE, LR_FACTORS = 5e-4, (0.25, 1.0, 4.0)
+
+# method -> (overrides, density used to centre its lr grid, the method whose tuned lr it reuses or None)
+METHODS: dict[str, tuple[list[str], float, str | None]] = {
+    "meerkat": (["mask.kind='sensitive'", "mask.density=1e-3"], 1e-3, None),
+    "full_fedzo": (["mask.kind='dense'"], 1.0, None),
+    "magnitude": (["mask.kind='magnitude'", "mask.density=1e-3"], 1e-3, None),
+    "random": (["mask.kind='random'", "mask.density=1e-3"], 1e-3, None),
+    "meerkat_d1e-4": (["mask.kind='sensitive'", "mask.density=1e-4"], 1e-4, None),
+    "meerkat_d1e-2": (["mask.kind='sensitive'", "mask.density=1e-2"], 1e-2, None),
+    "meerkat_taskmask": (["mask.kind='sensitive'", "mask.density=1e-3"], 1e-3, "meerkat"),
+    "fedmezo": (["mask.kind='dense'", "fed.strategy='fedmezo'"], 1.0, "full_fedzo"),
+}
+# Settings beyond BASE; T x rounds is 20 local steps per sampled client in both sync frequencies.
+SETTINGS = {
+    "base": [],
+    "T1-iid": ["fed.partition='iid'", "fed.local_steps=1", "fed.rounds=20", "run.eval_every=5"],
+    "T10-iid": ["fed.partition='iid'", "fed.local_steps=10", "fed.rounds=2", "run.eval_every=1"],
+    "T1-dirichlet": ["fed.local_steps=1", "fed.rounds=20", "run.eval_every=5"],
+    "T10-dirichlet": ["fed.local_steps=10", "fed.rounds=2", "run.eval_every=1"],
+}
+# claim -> (methods, settings, one-line statement)
+CLAIMS: dict[str, tuple[list[str], list[str], str]] = {
+    "1": (["meerkat", "full_fedzo", "magnitude", "random"], ["base"],
+          "Meerkat beats Full-FedZO, a weight-magnitude mask and a random mask under Non-IID data"),
+    "2": (["meerkat"], ["T1-iid", "T10-iid", "T1-dirichlet", "T10-dirichlet"],
+          "More frequent sync (T=1 vs T=10, same forward passes) narrows the Non-IID vs IID gap"),
+    "3": (["meerkat_d1e-4", "meerkat", "meerkat_d1e-2", "full_fedzo"], ["base"],
+          "Accuracy vs density 1e-4, 1e-3, 1e-2, dense: is there an optimum?"),
+    "4": (["meerkat", "meerkat_taskmask", "random"], ["base"],
+          "A mask from general text (WikiText) is as good as one from the task's own text, better than random"),
+    "5": (["meerkat", "full_fedzo"], ["base"],
+          "Meerkat needs orders of magnitude fewer bytes than Full-FedZO for the same accuracy"),
+    "6": (["fedmezo", "full_fedzo"], ["base"],
+          "FedMeZO's personalised lr helps dense federated ZO (vs a fixed lr)"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    task: str
+    method: str
+    setting: str
+    lr: float
+    seed: int
+    split: str  # validation (tuning) | test
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}-{self.task}-{self.method}-{self.setting}-lr{self.lr:.3g}-s{self.seed}"
+
+    def overrides(self) -> list[str]:
+        extra = list(METHODS[self.method][0])
+        if self.method == "meerkat_taskmask":
+            extra.append(f"mask.calibration={str(task_text(self.task))!r}")
+        if self.method == "fedmezo":  # lr_i = lr + lr_scale * Phi_i in [lr/2, 3lr/2] [choice]
+            extra.append(f"fedmezo.lr_scale={self.lr / 2!r}")
+        split = ["task.eval_split='validation'", "run.zero_shot=false", "run.eval_every=0"] \
+            if self.split == "validation" else []
+        return [*BASE, f"task.name={self.task!r}", *extra, *SETTINGS[self.setting], f"zo.lr={self.lr!r}",
+                f"run.seed={self.seed}", *split]
+
+
+def task_text(task: str) -> Path:
+    """The task's own training prompts as calibration text (claim 4), written under runs/ (not committed)."""
+    from meerkat_fl.tasks import get_task
+
+    path = RUNS / "calibration" / f"{task}.txt"
+    if not path.exists():
+        data = get_task(task).load("train", data_dir=os.environ.get("MEERKAT_DATA_DIR"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n\n".join(data.prompts[:4000]) + "\n")
+    return path
+
+
+def lr_grid(method: str) -> list[float]:
+    centre = LR_CENTRE * 1e-3 / METHODS[method][1]
+    return [float(f"{centre * f:.3g}") for f in LR_FACTORS]
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """The cell's cached result, running it first when it is not cached."""
+    path = CELLS / f"{cell.key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cfg = config.validate(config.resolve_environment(config.load(None, cell.overrides())))
+    out = RUNS / cell.key
+    resume = (out / "checkpoint.safetensors").exists()
+    print(f"[{time.strftime('%H:%M:%S')}] {'resume' if resume else 'run'} {cell.key}", flush=True)
+    summary = simulate(cfg, out, resume=resume, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    curve, total = [], 0
+    for row in rows:
+        total += row["bytes_up"] + row["bytes_down"]
+        if row.get("eval_accuracy") is not None:
+            curve.append([row["round"], total, row["eval_accuracy"]])
+    result = {"cell": dataclasses.asdict(cell), "summary": summary, "curve": curve}
+    CELLS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def cached(cell: Cell) -> dict[str, Any] | None:
+    path = CELLS / f"{cell.key}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def tuned_lr(task: str, method: str, run: bool) -> float | None:
+    """The lr with the best validation accuracy (ties: the smaller lr); None while the grid is unfinished."""
+    source = METHODS[method][2] or method
+    scores = {}
+    for lr in lr_grid(source):
+        cell = Cell(task, source, "base", lr, 0, "validation")
+        result = run_cell(cell) if run else cached(cell)
+        if result is None:
+            return None
+        scores[lr] = result["summary"]["final_eval_accuracy"]
+    return max(sorted(scores), key=lambda lr: scores[lr])
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """holds when mean(a) - mean(b) exceeds twice its standard error, does not hold when it is below minus
+    twice, inconclusive otherwise (and with fewer than 3 seeds each)."""
+    if len(a) < 3 or len(b) < 3:
+        return "inconclusive (fewer than 3 seeds)"
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    if diff > 2 * se:
+        return f"holds ({diff:+.3f} ± {se:.3f})"
+    if diff < -2 * se:
+        return f"does not hold ({diff:+.3f} ± {se:.3f})"
+    return f"inconclusive ({diff:+.3f} ± {se:.3f})"
+
+
+def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:
+    """Run (or read) every cell of the claims; the per-(task, method, setting) seed lists."""
+    lrs: dict[str, dict[str, float | None]] = defaultdict(dict)
+    results: dict[str, dict[str, Any]] = {}
+    for claim in claims:
+        methods, settings, _ = CLAIMS[claim]
+        for task in tasks:
+            for method in methods:
+                if method not in lrs[task]:
+                    lrs[task][method] = tuned_lr(task, method, run)
+                lr = lrs[task][method]
+                for setting in settings:
+                    key = f"{task}/{method}/{setting}"
+                    if lr is None or key in results:
+                        continue
+                    cells = [Cell(task, method, setting, lr, seed, "test") for seed in seeds]
+                    done = [r for r in ((run_cell(c) if run else cached(c)) for c in cells) if r is not None]
+                    if done:
+                        results[key] = {
+                            "task": task, "method": method, "setting": setting, "lr": lr,
+                            "seeds": [r["cell"]["seed"] for r in done],
+                            "zero_shot": [r["summary"]["zero_shot_accuracy"] for r in done],
+                            "accuracy": [r["summary"]["final_eval_accuracy"] for r in done],
+                            "bytes_per_round": statistics.fmean(
+                                r["summary"]["bytes_up_per_round"] + r["summary"]["bytes_down_per_round"] for r in done),
+                            "wall_seconds": [r["summary"]["wall_seconds"] for r in done],
+                            "curves": [r["curve"] for r in done],
+                        }
+    grid = {task: {m: {str(lr): (cached(Cell(task, m, "base", lr, 0, "validation")) or {}).get(
+        "summary", {}).get("final_eval_accuracy") for lr in lr_grid(m)} for m in METHODS if METHODS[m][2] is None}
+        for task in tasks}
+    return {"lrs": lrs, "results": results, "tuning_grid": grid}
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.3f} ± {std:.3f} (n={len(values)})"
+
+
+def report(data: dict[str, Any], tasks, claims) -> str:
+    res = data["results"]
+
+    def acc(task: str, method: str, setting: str = "base") -> list[float]:
+        return res.get(f"{task}/{method}/{setting}", {}).get("accuracy", [])
+
+    lines = []
+    for claim in claims:
+        methods, settings, statement = CLAIMS[claim]
+        lines += [f"### Claim {claim}: {statement}", ""]
+        head = ["task"] + [f"{m} {s}" if len(settings) > 1 else m for m in methods for s in settings]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for task in tasks:
+            zs = next((r["zero_shot"] for r in res.values() if r["task"] == task), [])
+            row = [f"{task} (zero-shot {statistics.fmean(zs):.3f})" if zs else task]
+            row += [fmt(acc(task, m, s)) for m in methods for s in settings]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        for task in tasks:
+            if claim in ("1", "4"):
+                others = methods[1:] if claim == "1" else ["random"]
+                for other in others:
+                    lines.append(f"- {task}: meerkat vs {other}: {verdict(acc(task, 'meerkat'), acc(task, other))}")
+                if claim == "4":
+                    a, b = acc(task, "meerkat"), acc(task, "meerkat_taskmask")
+                    lines.append(f"- {task}: wikitext mask minus task mask: {verdict(a, b)} (claim: no difference)")
+            elif claim == "2":
+                one, ten = (
+                    [i - d for i, d in zip(acc(task, "meerkat", f"T{t}-iid"), acc(task, "meerkat", f"T{t}-dirichlet"))]
+                    for t in (1, 10)
+                )
+                lines.append(f"- {task}: IID minus Non-IID gap, T=1: {fmt(one)}; T=10: {fmt(ten)}; "
+                             f"T=10 gap minus T=1 gap: {verdict(ten, one)}")
+            elif claim == "3":
+                means = {m: statistics.fmean(acc(task, m)) for m in methods if acc(task, m)}
+                if means:
+                    lines.append(f"- {task}: best density: {max(means, key=means.get)}")
+            elif claim == "5":
+                for m in methods:
+                    r = res.get(f"{task}/{m}/base")
+                    if r:
+                        lines.append(f"- {task}: {m}: {r['bytes_per_round']:,.0f} bytes/round, accuracy {fmt(r['accuracy'])}")
+            elif claim == "6":
+                lines.append(f"- {task}: fedmezo vs full_fedzo: {verdict(acc(task, 'fedmezo'), acc(task, 'full_fedzo'))}")
+        lines.append("")
+    lines += ["### Tuning grid (validation accuracy, seed 0)", ""]
+    for task, methods in data["tuning_grid"].items():
+        for method, grid in methods.items():
+            cells = ", ".join(f"lr {lr}: {'-' if v is None else f'{v:.3f}'}" for lr, v in grid.items())
+            lines.append(f"- {task} / {method}: {cells}; chosen {data['lrs'].get(task, {}).get(method)}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict[str, Any], tasks, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = [r for r in data["results"].values() if r["setting"] == "base"]
+    if not res:
+        return None
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        for r in (r for r in res if r["task"] == task):
+            rounds = [[p[0] for p in c] for c in r["curves"]]
+            if not rounds or any(x != rounds[0] for x in rounds):
+                continue
+            accs = [statistics.fmean(c[i][2] for c in r["curves"]) for i in range(len(rounds[0]))]
+            nbytes = [statistics.fmean(c[i][1] for c in r["curves"]) for i in range(len(rounds[0]))]
+            zero = statistics.fmean(r["zero_shot"])
+            row[0].plot([0, *rounds[0]], [zero, *accs], marker="o", label=r["method"])
+            row[1].plot([1, *nbytes], [zero, *accs], marker="o", label=r["method"])
+        row[0].set(xlabel="round", ylabel=f"{task} test accuracy (mean over seeds)")
+        row[1].set(xlabel="cumulative bytes (up + down)", xscale="log")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=list(CLAIMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--report-only", action="store_true", help="no runs: tables and plots from the cache")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    data = collect(args.tasks, args.claims, args.seeds, run=not args.report_only)
+    text = report(data, args.tasks, args.claims)
+    print(text)
+    (RESULTS / "paper").mkdir(parents=True, exist_ok=True)
+    (RESULTS / "paper" / "tables.md").write_text(text)
+    png = plot(data, args.tasks, RESULTS / "paper" / "accuracy.png")
+    cell_seconds = sum(json.loads(p.read_text())["summary"]["wall_seconds"] for p in CELLS.glob("*.json"))
+    payload = {
+        **data,
+        "claims": {k: v[2] for k, v in CLAIMS.items()},
+        "base_setting": BASE,
+        "settings": SETTINGS,
+        "lr_grid": {m: lr_grid(m) for m in METHODS},
+        "cells_cached": len(list(CELLS.glob("*.json"))),
+        "cells_wall_seconds": cell_seconds,
+        "machine": {"processor": platform.processor(), "cpu_count": os.cpu_count()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/paper.py " + " ".join(sys.argv[1:]),
+        "plot": str(png.relative_to(REPO)) if png else None,
+    }
+    (RESULTS / "paper.json").write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote benchmarks/results/paper.json ({payload['cells_cached']} cells cached, "
+          f"{cell_seconds / 3600:.1f} h of runs) in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
