@@ -77,3 +77,111 @@ def comparison_table(paths: Sequence[str | Path]) -> str:
 
 def summaries_json(paths: Sequence[str | Path]) -> str:
     return json.dumps({str(p): load_run(p)[2] for p in paths}, indent=2)
+
+
+def gradip_analysis(path: str | Path) -> dict[str, Any]:
+    """A run folder's GradIP trajectories and Meerkat-vp detection (with the run's own [vp] settings).
+
+    Per client: true partition kind, trajectory, signals on its calibration trajectory (what the strategy
+    decides at its first check) and, for meerkat_vp runs, whether it was stopped at the end. Precision and
+    recall count "extreme" partition clients as positives.
+    """
+    import math
+
+    from meerkat_fl.config import load, method_name
+    from meerkat_fl.partition import load_partition
+    from meerkat_fl.vp import GRADIP_LOG, DetectionSettings, precision_recall, trajectories_from_records
+
+    run = RunDir(path)
+    if not (run.path / GRADIP_LOG).exists():
+        raise ConfigError(f"{path}: no {GRADIP_LOG} (GradIP needs a sensitive mask and vp.log_gradip = true)")
+    cfg = load(run.config_path)
+    vp = cfg.vp
+    settings = DetectionSettings(vp.calibration_steps, tuple(vp.early_window), tuple(vp.late_window),
+                                 vp.quiet_factor, vp.rho_later, vp.rho_quiet)
+    kinds = load_partition(run.path / "partition.json").kinds
+    trajectories = trajectories_from_records(run.read_metrics(GRADIP_LOG))
+    rows = run.read_metrics()
+    stopped = rows[-1].get("vp_stopped") if rows and "vp_stopped" in rows[-1] else None
+    clients = []
+    for cid, kind in enumerate(kinds):
+        trajectory = trajectories.get(cid)
+        signals = settings.first_check(trajectory) if trajectory is not None else None
+        calibrated = trajectory is not None and len(trajectory) >= settings.calibration_steps
+        clients.append({
+            "client_id": cid, "kind": kind, "steps": 0 if trajectory is None else len(trajectory),
+            "trajectory": trajectory, "calibrated": calibrated,
+            "rho_later": math.nan if signals is None else signals.rho_later,
+            "rho_quiet": math.nan if signals is None else signals.rho_quiet,
+            "flagged": bool(signals is not None and calibrated and signals.flagged),
+            "stopped": None if stopped is None else cid in stopped,
+        })
+    extreme = [c["client_id"] for c in clients if c["kind"] == "extreme"]
+    precision, recall = precision_recall([c["client_id"] for c in clients if c["flagged"]], extreme)
+    return {"clients": clients, "precision": precision, "recall": recall, "settings": settings,
+            "method": method_name(cfg)}
+
+
+def detection_table(analysis: dict[str, Any]) -> str:
+    """A Markdown table: client, true kind, steps, rho_later, rho_quiet, flagged (and stopped), then precision
+    and recall of the flags against the "extreme" clients."""
+    import math
+
+    def fmt(value: float | None) -> str:
+        if value is None or math.isnan(value):
+            return "-"
+        return "inf" if math.isinf(value) else f"{value:.2f}"
+
+    with_stopped = any(c["stopped"] is not None for c in analysis["clients"])
+    head = "| client | true kind | steps | rho_later | rho_quiet | flagged |" + (" stopped |" if with_stopped else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in analysis["clients"]:
+        flagged = "yes" if c["flagged"] else ("no" if c["calibrated"] else "not calibrated")
+        line = (f"| {c['client_id']} | {c['kind']} | {c['steps']} | {fmt(c['rho_later'])} | {fmt(c['rho_quiet'])} "
+                f"| {flagged} |")
+        lines.append(line + (f" {'yes' if c['stopped'] else 'no'} |" if with_stopped else ""))
+    s = analysis["settings"]
+    lines.append("")
+    lines.append(f"precision {fmt(analysis['precision'])}, recall {fmt(analysis['recall'])} "
+                 f"(calibration {s.calibration_steps} steps, early {list(s.early_window)}, late {list(s.late_window)}, "
+                 f"quiet < {s.quiet_factor} x early mean, flag if rho_later >= {s.rho_later} "
+                 f"and rho_quiet >= {s.rho_quiet})")
+    return "\n".join(lines)
+
+
+def plot_gradip(analysis: dict[str, Any], out: str | Path, title: str | None = None) -> Path:
+    """One PNG: |GradIP| per client vs the client's local step (log y), red for extreme clients, blue for
+    Dirichlet/IID ones; the detection windows of the first check are shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    seen = set()
+    for c in analysis["clients"]:
+        if c["trajectory"] is None:
+            continue
+        extreme = c["kind"] == "extreme"
+        label = "extreme (single label)" if extreme else f"{c['kind']}"
+        magnitude = np.abs(c["trajectory"])
+        ax.plot(np.arange(len(magnitude)), np.where(magnitude > 0, magnitude, np.nan), lw=1.2 if extreme else 0.8,
+                color="tab:red" if extreme else "tab:blue", alpha=0.9 if extreme else 0.6,
+                label=None if label in seen else label)
+        seen.add(label)
+    s = analysis["settings"]
+    ax.axvspan(*s.early_window, color="0.85", zorder=0, label="early window")
+    ax.axvspan(*s.late_window, color="0.93", zorder=0, label="late window (first check)")
+    ax.set_yscale("log")
+    ax.set_xlabel("local step of the client")
+    ax.set_ylabel("|GradIP|")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"GradIP trajectories ({analysis['method']})")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
