@@ -45,7 +45,7 @@ BASE = [
     "model.source='smollm2'", "task.train_size=2000", "task.eval_size=200", "task.max_length=48",
     "task.eval_batch_size=50", "task.validation_size=400", "zo.eps=1e-3", "zo.batch_size=8",
     "fed.num_clients=10", "fed.sample_count=5", "fed.rounds=8", "fed.local_steps=2", "fed.partition='dirichlet'",
-    "fed.alpha=0.5", "fed.downlink='values'", "run.eval_every=2", "run.checkpoint_every=4",
+    "fed.alpha=0.5", "fed.downlink='values'", "run.eval_every=4", "run.checkpoint_every=4",
 ]
 TASKS = ("sst2", "ag_news")
 SEEDS = (0, 1, 2)

@@ -33,7 +33,9 @@ def test_bad_overrides_name_the_key(override, key):
 
 
 def test_toml_file_round_trip(tmp_path):
-    cfg = config.load(None, ["fed.rounds=3", "mask.kind=dense", "vp.late_window=[40, 80]"])
+    cfg = config.load(None, ["fed.rounds=3", "mask.kind=dense", "vp.late_window=[40, 80]", "task.eval_size=none",
+                             "fed.sample_count=2"])
+    assert cfg.task.eval_size is None  # a None whose default is not None must survive the file
     path = tmp_path / "c.toml"
     path.write_text(config.to_toml(cfg))
     assert config.load(path) == cfg

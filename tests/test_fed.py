@@ -9,7 +9,10 @@ import torch
 from meerkat_fl import config
 from meerkat_fl.fed.aggregate import aggregate_paths, client_endpoint, normalised_weights
 from meerkat_fl.fed.messages import (
-    ClientUpdate, decode_plan, decode_update, encode_plan, encode_update,
+    ClientUpdate,
+    decode_update,
+    encode_plan,
+    encode_update,
 )
 from meerkat_fl.fed.simulate import build_federation, simulate
 from meerkat_fl.fed.strategies import heterogeneity_index, personalised_lrs
@@ -151,7 +154,7 @@ def test_a_bad_reply_is_rejected_counted_and_the_others_still_aggregate(tiny_cfg
     fed = build_federation(tiny_cfg)
     good = build_federation(tiny_cfg)
     transport = Tamper(InProcessTransport(fed.clients, fed.runtime), 0, how)
-    plans, _, _, result = one_round(fed, transport)
+    _, _, _, result = one_round(fed, transport)
     assert 0 in result.rejected and reason in result.rejected[0]
     assert fed.server.rejected_total == 1 and 0 not in result.accepted
     # the global model equals aggregating the honest clients alone
@@ -187,8 +190,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_cfg, tmp_pat
     resumed = simulate(cfg, tmp_path / "cut", progress=False, resume=True)
     assert torch.equal(load_patch(tmp_path / "full" / "patch.safetensors").values,
                        load_patch(tmp_path / "cut" / "patch.safetensors").values)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
     assert strip(read(tmp_path / "full")) == strip(read(tmp_path / "cut"))
     assert resumed["final_eval_accuracy"] == full["final_eval_accuracy"]
 

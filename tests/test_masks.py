@@ -5,7 +5,12 @@ import torch
 
 from meerkat_fl.errors import ConfigError, DataError, MaskMismatch
 from meerkat_fl.masks import (
-    build_mask, calibration_batches, load_mask, pretraining_gradients, save_mask, scope_tensors,
+    build_mask,
+    calibration_batches,
+    load_mask,
+    pretraining_gradients,
+    save_mask,
+    scope_tensors,
 )
 
 

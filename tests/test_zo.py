@@ -49,7 +49,7 @@ def test_noise_is_standard_gaussian(sparse):
 
 
 def test_perturb_and_restore_leave_weights_bit_identical(tiny, sparse):
-    mask, params = sparse
+    _, params = sparse
     before = snapshot(tiny.model)
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     step = zo_step(lm_loss(tiny.model, ids), params, params.gather(), seed=5, eps=1e-3)

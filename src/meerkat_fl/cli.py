@@ -30,7 +30,7 @@ def _default_out(kind: str, cfg) -> Path:
 
 def cmd_mask(args: argparse.Namespace) -> int:
     from meerkat_fl.build import make_mask
-    from meerkat_fl.config import MaskConfig, resolve_environment, Config
+    from meerkat_fl.config import Config, MaskConfig, resolve_environment
     from meerkat_fl.masks import save_mask
     from meerkat_fl.models import load_model
 
@@ -126,7 +126,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from meerkat_fl.config import Config, resolve_environment
     from meerkat_fl.fed.simulate import partition_for
     from meerkat_fl.partition import format_histogram, save_partition
     from meerkat_fl.tasks import get_task
@@ -145,6 +144,52 @@ def cmd_partition(args: argparse.Namespace) -> int:
     if args.out:
         save_partition(partition, args.out)
         print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from meerkat_fl.flower import launch
+
+    if args.flower_command == "worker":
+        from meerkat_fl.flower.worker import serve
+
+        serve(args.socket)
+        return 0
+    if args.flower_command == "certs":
+        from meerkat_fl.flower.tls import make_certificates
+
+        tls = make_certificates(args.dir, tuple(args.host or ("127.0.0.1", "localhost")))
+        print(f"wrote {tls.ca}, {tls.cert}, {tls.key}")
+        return 0
+    cfg = _config(args)
+    default = _default_out("run", cfg)
+    out = Path(args.out) if args.out else default.with_name(f"flower-{default.name}")
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="meerkat-flower-"))
+    print(f"Flower work folder (state, logs): {workdir}", file=sys.stderr)
+    if args.flower_command == "sim":
+        summary = launch.run_simulation(cfg, out, workdir, round_timeout=args.round_timeout)
+    else:
+        tls = None
+        if args.tls:
+            from meerkat_fl.flower.tls import make_certificates
+
+            tls = make_certificates(workdir / "certs")
+        summary = launch.run_deployment(cfg, out, workdir, nodes=args.nodes, tls=tls, workers=not args.no_worker,
+                                        round_timeout=args.round_timeout)
+    print(f"run folder: {out}")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_gradip(args: argparse.Namespace) -> int:
+    from meerkat_fl.report import detection_table, gradip_analysis, plot_gradip
+
+    analysis = gradip_analysis(args.run)
+    out = plot_gradip(analysis, args.out or Path(args.run) / "gradip.png", title=args.title)
+    print(detection_table(analysis))
+    print(f"plot: {out}")
     return 0
 
 
@@ -216,6 +261,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-per-client", type=int), p.add_argument("--seed", type=int)
     p.add_argument("--out", help="save the partition as JSON")
     p.set_defaults(func=cmd_partition)
+
+    p = sub.add_parser("gradip", help="a run's GradIP trajectories (PNG) and Meerkat-vp detection table")
+    p.add_argument("run", help="run folder (with gradip.jsonl)")
+    p.add_argument("--out", help="PNG path (default DIR/gradip.png)"), p.add_argument("--title")
+    p.set_defaults(func=cmd_gradip)
+
+    p = sub.add_parser("flower", help="run on Flower: local simulation, loopback deployment, TLS certificates")
+    flower = p.add_subparsers(dest="flower_command", required=True)
+    for name, text in (("sim", "a run in Flower's Simulation Runtime (one virtual SuperNode per client)"),
+                       ("deploy", "a run on a loopback deployment: a SuperLink and N SuperNodes")):
+        q = flower.add_parser(name, help=text)
+        _add_config_args(q, config_positional=True)
+        q.add_argument("--out", help="run folder (default runs/flower-<method>-<task>-<time>)")
+        q.add_argument("--workdir", help="Flower state and logs (default: a new temporary folder)")
+        q.add_argument("--round-timeout", type=float, default=300.0, help="seconds before a silent node is dropped")
+        q.set_defaults(func=cmd_flower)
+        if name == "deploy":
+            q.add_argument("--nodes", type=int, help="SuperNodes (default: one per client)")
+            q.add_argument("--tls", action="store_true", help="secure SuperLink with generated self-signed certs")
+            q.add_argument("--no-worker", action="store_true",
+                           help="no persistent node worker: each ClientApp process loads the model itself")
+    q = flower.add_parser("certs", help="write a self-signed CA and SuperLink certificate (ca.pem, server.pem/key)")
+    q.add_argument("dir"), q.add_argument("--host", action="append", help="name or IP in the certificate")
+    q.set_defaults(func=cmd_flower)
+    q = flower.add_parser("worker", help="a persistent node worker (keeps the model loaded for a SuperNode)")
+    q.add_argument("--socket", required=True, help="Unix socket path; name it in --node-config worker-socket=")
+    q.set_defaults(func=cmd_flower)
     return parser
 
 

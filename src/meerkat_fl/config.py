@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 from meerkat_fl.errors import ConfigError
 
@@ -165,9 +165,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         for arg in args:
             if arg is type(None):
                 continue
@@ -181,18 +181,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(key, v, a) for v, a in zip(value, args))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
@@ -317,9 +313,10 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 def to_toml(cfg: Config) -> str:
-    """TOML text of the resolved config (None values are omitted: they mean "default")."""
+    """TOML text of the resolved config. TOML has no null: None is written as the string "none", which
+    loading reads back as None for the optional keys, so a saved config reloads to the same Config."""
     data = {
-        s: {k: (list(v) if isinstance(v, tuple) else v) for k, v in section.items() if v is not None}
+        s: {k: "none" if v is None else list(v) if isinstance(v, tuple) else v for k, v in section.items()}
         for s, section in to_dict(cfg).items()
     }
     return tomli_w.dumps(data)

@@ -76,7 +76,7 @@ def local_train(
     steps = []
     for seed in seeds:
         batch = pointer.next_batch(batch_size)
-        step = zo_step(lambda: batch_loss(batch), params, values, seed, eps)
+        step = zo_step(lambda rows=batch: batch_loss(rows), params, values, seed, eps)
         if not step.skipped:
             apply_step(values, params.mask, seed, step.scalar, lr)
         steps.append(step)

@@ -68,7 +68,7 @@ def comparison_table(paths: Sequence[str | Path]) -> str:
              "|---|---|---|---|---|---|"]
     for path in paths:
         label, _, s = load_run(path)
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)
         lines.append(f"| {label} | {fmt(s.get('zero_shot_accuracy'), '.3f')} | {fmt(s.get('final_eval_accuracy'), '.3f')} "
                      f"| {fmt(s.get('bytes_up_per_round'), ',.0f')} | {fmt(s.get('bytes_down_per_round'), ',.0f')} "
                      f"| {fmt(s.get('wall_seconds'), '.0f')} |")

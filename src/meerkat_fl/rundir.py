@@ -49,7 +49,7 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def create(cls, path: str | Path, cfg: Config) -> "RunDir":
+    def create(cls, path: str | Path, cfg: Config) -> RunDir:
         run = cls(path)
         run.path.mkdir(parents=True, exist_ok=True)
         _atomic_write(run.path / "config.toml", to_toml(cfg).encode())

@@ -16,7 +16,12 @@ import torch
 from meerkat_fl.errors import MessageRejected
 from meerkat_fl.fed.aggregate import aggregate_paths, normalised_weights
 from meerkat_fl.fed.messages import (
-    ClientPath, ClientUpdate, RoundPlan, decode_update, encode_plan, validate_update,
+    ClientPath,
+    ClientUpdate,
+    RoundPlan,
+    decode_update,
+    encode_plan,
+    validate_update,
 )
 from meerkat_fl.local import step_seeds
 from meerkat_fl.masks import Mask
@@ -72,8 +77,8 @@ class Server:
     def plan_for(self, client_id: int, round_index: int) -> RoundPlan:
         steps = self.strategy.local_steps(client_id, self.local_steps)
         seeds = np.asarray(step_seeds(self.run_seed, round_index, client_id, steps), dtype=np.int64)
-        common = dict(round=round_index, client_id=client_id, seeds=seeds,
-                      lr=self.strategy.client_lr(client_id, self.lr), eps=self.eps, batch_size=self.batch_size)
+        common = {"round": round_index, "client_id": client_id, "seeds": seeds,
+                  "lr": self.strategy.client_lr(client_id, self.lr), "eps": self.eps, "batch_size": self.batch_size}
         if self.downlink == "values":
             return RoundPlan(**common, values=self.values.detach().cpu().numpy())
         synced = self.client_synced[client_id]

@@ -6,6 +6,7 @@ FedMeZO: a personalised client-wise lr from a heterogeneity index of the last ro
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,7 +71,7 @@ def model_diff_signals(start: torch.Tensor, mask: Mask, paths: Sequence[ClientPa
     signals = {}
     for path in paths:
         diff = client_endpoint(start, mask, path) - start - mean_delta
-        signals[path.client_id] = float(sum(diff[a:b].norm() for a, b in zip(bounds[:-1], bounds[1:])))
+        signals[path.client_id] = float(sum(diff[a:b].norm() for a, b in itertools.pairwise(bounds)))
     return signals
 
 

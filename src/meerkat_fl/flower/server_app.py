@@ -1,0 +1,163 @@
+"""The ServerApp: the simulator's round loop (``simulate``) with a transport over Flower's Grid.
+
+The server object, its validation of replies, the run folder and the patch are exactly those of
+``meerkat run``; only ``GridTransport`` is Flower-specific. Run config keys (``[tool.flwr.app.config]``):
+
+- ``meerkat-config``: the Meerkat config as TOML text ("" = defaults); ``set``: space-separated dotted
+  overrides (``"fed.rounds=5 zo.lr=1e-3"``), through the same validator as ``meerkat run --set``;
+- ``out``: run folder on the SuperLink's machine ("" = runs/flower-<method>-<task>-<time>);
+- ``round-timeout``: seconds to wait for a round's replies (a node that has not answered is dropped for
+  the round); ``node-wait``: seconds to wait at start for nodes hosting every client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import tomllib
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from meerkat_fl import config
+from meerkat_fl.config import Config, method_name
+from meerkat_fl.errors import ConfigError
+from meerkat_fl.fed.simulate import simulate
+from meerkat_fl.flower import records
+from meerkat_fl.flower.node import config_to_json
+from meerkat_fl.rundir import RunDir
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = dict(context.run_config)
+    cfg = config_from_run_config(run_config)
+    out = str(run_config.get("out") or "") or f"runs/flower-{method_name(cfg)}-{cfg.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    transport = GridTransport(grid, cfg, round_timeout=float(run_config.get("round-timeout", 300.0)),
+                              node_wait=float(run_config.get("node-wait", 120.0)))
+    summary = simulate(cfg, out, transport=transport, progress=False)
+    summary.update(transport.summary())
+    RunDir(out).write_json("summary.json", summary)
+    log.info("run folder: %s", Path(out).resolve())
+
+
+def config_from_run_config(run_config: dict) -> Config:
+    """The Meerkat config a run carries: TOML text plus dotted overrides, validated."""
+    text = str(run_config.get("meerkat-config") or "")
+    try:
+        cfg = config.from_dict(tomllib.loads(text)) if text.strip() else Config()
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"run config 'meerkat-config' is not valid TOML: {exc}") from None
+    overrides = str(run_config.get("set") or "").split()
+    return config.validate(config.apply_overrides(cfg, overrides))
+
+
+class GridTransport:
+    """Meerkat's Transport over a Flower Grid: one message per node per round, carrying the plans of the
+    clients that node hosts. Nodes are found by a handshake (query message) that also hands them the config."""
+
+    def __init__(self, grid: Grid, cfg: Config, *, round_timeout: float = 300.0, node_wait: float = 120.0):
+        self.grid, self.round_timeout, self.node_wait = grid, round_timeout, node_wait
+        self.config_json = config_to_json(cfg)
+        self.num_clients = cfg.fed.num_clients
+        self.node_of: dict[int, int] = {}  # client id -> node id
+        self.seen: set[int] = set()  # nodes that answered the handshake
+        self.round = 0
+        self.started = False
+        self.wire = {"down": 0, "up": 0}  # this round's Flower record bytes
+        self.totals = {"flower_bytes_down": 0, "flower_bytes_up": 0, "handshake_bytes": 0}
+        self.timings: dict[str, float] = {}
+
+    # --- nodes -------------------------------------------------------------------------------------------
+    def _handshake(self, node_ids: list[int]) -> None:
+        content = RecordDict({records.RECORD: ConfigRecord({records.CONFIG_KEY: self.config_json})})
+        size = records.wire_bytes(content)
+        messages = [Message(content, dst_node_id=nid, message_type=MessageType.QUERY, group_id="handshake")
+                    for nid in node_ids]
+        self.totals["handshake_bytes"] += size * len(messages)
+        # nodes load their model while answering: allow the longer of the two waits
+        for reply in self.grid.send_and_receive(messages, timeout=max(self.round_timeout, self.node_wait)):
+            if reply.has_error():
+                log.warning("handshake failed: %s", reply.error.reason)
+                continue
+            self.seen.add(reply.metadata.src_node_id)  # nodes that did not answer are asked again next round
+            self.totals["handshake_bytes"] += records.wire_bytes(reply.content)
+            record = reply.content[records.RECORD]
+            nid = reply.metadata.src_node_id
+            for cid in record["client-ids"]:
+                if 0 <= int(cid) < self.num_clients and self.node_of.setdefault(int(cid), nid) != nid:
+                    log.warning("client %d is claimed by nodes %d and %d: keeping the first", cid, self.node_of[cid], nid)
+            log.info("node %d (partition %s) hosts clients %s", nid, record["partition-id"], list(record["client-ids"]))
+
+    def _refresh_nodes(self) -> None:
+        """Handshake new nodes; forget clients whose node left. At the start, wait until every client has
+        a node (or ``node_wait`` runs out: the missing clients are then dropped every round)."""
+        deadline = time.monotonic() + (0.0 if self.started else self.node_wait)
+        while True:
+            live = set(self.grid.get_node_ids())
+            self.node_of = {cid: nid for cid, nid in self.node_of.items() if nid in live}
+            new = sorted(live - self.seen)
+            if new:
+                self._handshake(new)
+            if len(self.node_of) >= self.num_clients or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)
+        if not self.started:
+            missing = sorted(set(range(self.num_clients)) - set(self.node_of))
+            if missing:
+                log.warning("no node hosts clients %s: they are dropped every round", missing)
+        self.started = True
+
+    # --- Transport -----------------------------------------------------------------------------------------
+    def send_and_receive(self, plans: dict[int, bytes]) -> dict[int, bytes | None]:
+        self._refresh_nodes()
+        replies: dict[int, bytes | None] = {cid: None for cid in plans}
+        by_node: dict[int, dict[int, bytes]] = {}
+        for cid, blob in plans.items():
+            if cid in self.node_of:
+                by_node.setdefault(self.node_of[cid], {})[cid] = blob
+        self.wire = {"down": 0, "up": 0}
+        self.timings = {}
+        messages, expected = [], {}
+        for nid, node_plans in by_node.items():
+            content = records.plans_record(node_plans)
+            self.wire["down"] += records.wire_bytes(content)
+            messages.append(Message(content, dst_node_id=nid, message_type=MessageType.TRAIN,
+                                    group_id=str(self.round)))
+            expected[nid] = sorted(node_plans)
+        for reply in self.grid.send_and_receive(messages, timeout=self.round_timeout):
+            nid = reply.metadata.src_node_id
+            if reply.has_error() or nid not in expected:
+                log.warning("round %d: error from node %s: %s", self.round, nid,
+                            reply.error.reason if reply.has_error() else "unexpected sender")
+                continue
+            self.wire["up"] += records.wire_bytes(reply.content)
+            record = reply.content[records.RECORD]
+            if "error" in record:
+                log.warning("round %d: node %d: %s", self.round, nid, record["error"])
+            for key in ("load-s", "fit-s", "handler-s"):
+                if key in record:
+                    self.timings[key] = max(self.timings.get(key, 0.0), float(record[key]))
+            replies.update(records.read_updates(reply.content, expected.pop(nid)))
+        for nid in expected:
+            log.warning("round %d: node %d did not answer in %.0f s", self.round, nid, self.round_timeout)
+        self.totals["flower_bytes_down"] += self.wire["down"]
+        self.totals["flower_bytes_up"] += self.wire["up"]
+        self.round += 1
+        return replies
+
+    def round_metrics(self) -> dict[str, float | int]:
+        """Extra per-round columns: every record byte Flower moved, and the slowest node's timings."""
+        metrics: dict[str, float | int] = {"flower_bytes_down": self.wire["down"], "flower_bytes_up": self.wire["up"]}
+        metrics.update({f"client_{k.replace('-', '_')}": v for k, v in self.timings.items()})
+        return metrics
+
+    def summary(self) -> dict[str, float | int | str]:
+        return {"engine": "flower", **self.totals,
+                "flower_nodes": len(set(self.node_of.values())),
+                "clients_without_node": json.dumps(sorted(set(range(self.num_clients)) - set(self.node_of)))}

@@ -1,0 +1,204 @@
+"""Meerkat on Flower: the same global values as the in-process simulator, in Flower's simulation and on a
+loopback deployment (TLS); a hostile reply is rejected; a SuperNode killed mid-run does not stop the run.
+
+Each test starts its own Flower processes on free ports with a private FLWR_HOME under tmp_path, and the
+``Flower`` context manager stops them, also when the test fails. Tiny model, 2 clients, 2 rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr", reason="the Flower tests need the [flower] extra: pip install -e '.[flower]'")
+
+from meerkat_fl import config
+from meerkat_fl.fed.simulate import build_federation, simulate
+from meerkat_fl.fed.transport import InProcessTransport
+from meerkat_fl.flower import APP_DIR
+from meerkat_fl.flower.launch import Flower, node_settings, run_deployment, run_simulation
+from meerkat_fl.flower.tls import make_certificates
+from meerkat_fl.patch import load_patch
+
+pytestmark = pytest.mark.flower
+RUN_TIMEOUT = 240  # seconds for one `flwr run`: a hung run fails the test instead of the CI job
+
+
+@pytest.fixture(autouse=True)
+def quiet_flower(monkeypatch):
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+def small(cfg, *extra):
+    return config.apply_overrides(cfg, ["fed.num_clients=2", "fed.rounds=2", "run.zero_shot=false", *extra])
+
+
+def values(run: Path) -> torch.Tensor:
+    return load_patch(run / "patch.safetensors").values
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+class DropClient(InProcessTransport):
+    """The in-process reference for a run in which ``client_id`` never gets a reply through."""
+
+    def __init__(self, clients, runtime, client_id: int):
+        super().__init__(clients, runtime)
+        self.client_id = client_id
+
+    def send_and_receive(self, plans):
+        replies = super().send_and_receive(plans)
+        return {cid: (None if cid == self.client_id else blob) for cid, blob in replies.items()}
+
+
+def test_core_and_cli_import_without_flwr():
+    blocker = textwrap.dedent("""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "flwr" or name.startswith(("flwr.", "ray")):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import meerkat_fl, meerkat_fl.cli, meerkat_fl.fed.simulate
+        import meerkat_fl.flower, meerkat_fl.flower.launch, meerkat_fl.flower.node, meerkat_fl.flower.worker
+        import meerkat_fl.flower.tls
+        meerkat_fl.cli.build_parser().parse_args(["flower", "sim", "configs/tiny.toml"])
+        assert not any(m == "flwr" or m.startswith("flwr.") for m in sys.modules)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", blocker], check=False, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_app_bundle_is_config_only_and_far_below_flowers_limit():
+    files = [p for p in APP_DIR.rglob("*") if p.is_file()]
+    assert [p.name for p in files] == ["pyproject.toml"]
+    assert sum(p.stat().st_size for p in files) < 10 * 1024 * 1024
+    text = (APP_DIR / "pyproject.toml").read_text()
+    assert 'serverapp = "meerkat_fl.flower.server_app:app"' in text
+    assert 'clientapp = "meerkat_fl.flower.client_app:app"' in text
+
+
+def test_simulation_reaches_the_in_process_values_bit_for_bit(tiny_cfg, tmp_path):
+    # the "scalars" downlink: every client replays the others' paths from its own state in context.state
+    cfg = small(tiny_cfg, "fed.downlink=scalars")
+    simulate(cfg, tmp_path / "inproc", progress=False)
+    summary = run_simulation(cfg, tmp_path / "flower", tmp_path / "work", timeout=RUN_TIMEOUT)
+    assert torch.equal(values(tmp_path / "flower"), values(tmp_path / "inproc"))
+    for ours, theirs in zip(rows(tmp_path / "flower"), rows(tmp_path / "inproc"), strict=True):
+        for key in ("train_loss", "bytes_up", "bytes_down", "clients", "eval_accuracy"):
+            assert ours[key] == theirs[key], key
+        assert ours["flower_bytes_up"] > ours["bytes_up"] and ours["flower_bytes_down"] > ours["bytes_down"]
+    assert summary["engine"] == "flower" and summary["rejected_replies"] == 0
+    assert {p.name for p in (tmp_path / "flower").iterdir()} == {p.name for p in (tmp_path / "inproc").iterdir()}
+
+
+HOSTILE_APP = '''
+"""A ClientApp that answers for client 1 with NaN scalars (test only)."""
+import dataclasses
+
+import numpy as np
+from flwr.clientapp import ClientApp
+
+from meerkat_fl.fed.messages import decode_update, encode_update
+from meerkat_fl.flower import client_app, records
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg, context):
+    return client_app.handshake(msg, context)
+
+
+@app.train()
+def train(msg, context):
+    reply = client_app.fit(msg, context)
+    record = reply.content[records.RECORD]
+    key = records.update_key(1)
+    if key in record:
+        update = decode_update(record[key])
+        record[key] = encode_update(dataclasses.replace(update, scalars=np.full_like(update.scalars, np.nan)))
+    return reply
+'''
+
+
+def test_hostile_reply_is_rejected_without_touching_the_global_values(tiny_cfg, tmp_path):
+    cfg = small(tiny_cfg)
+    app = tmp_path / "hostile-app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text((APP_DIR / "pyproject.toml").read_text().replace(
+        "meerkat_fl.flower.client_app:app", "hostile_app:app"))
+    (app / "hostile_app.py").write_text(HOSTILE_APP)
+    with Flower(tmp_path / "work") as flower:
+        flower.start_superlink(simulation=True)
+        flower.configure_simulation(2)
+        summary = flower.run(cfg, tmp_path / "flower", timeout=RUN_TIMEOUT, app_dir=app)
+    # reference: the in-process server in which client 1 never answers
+    ref = build_federation(cfg)
+    transport = DropClient(ref.clients, ref.runtime, client_id=1)
+    for _ in range(cfg.fed.rounds):
+        plans, encoded = ref.server.configure_round()
+        ref.server.aggregate_round(plans, encoded, transport.send_and_receive(encoded))
+    assert torch.equal(values(tmp_path / "flower"), ref.server.values)
+    assert summary["rejected_replies"] == cfg.fed.rounds
+    for row in rows(tmp_path / "flower"):
+        assert row["clients"] == [0] and "non-finite" in row["rejected"]["1"]
+
+
+def test_tls_deployment_reaches_the_in_process_values_bit_for_bit(tiny_cfg, tmp_path):
+    cfg = small(tiny_cfg)
+    tls = make_certificates(tmp_path / "certs")
+    summary = run_deployment(cfg, tmp_path / "flower", tmp_path / "work", nodes=2, tls=tls, timeout=RUN_TIMEOUT)
+    simulate(cfg, tmp_path / "inproc", progress=False)
+    assert torch.equal(values(tmp_path / "flower"), values(tmp_path / "inproc"))
+    assert summary["flower_nodes"] == 2 and summary["rejected_replies"] == 0
+    connection = (tmp_path / "work" / "flwr-home" / "config.toml").read_text()
+    assert "root-certificates" in connection and "insecure" not in connection
+
+
+def test_killed_supernode_does_not_stop_the_run(tiny_cfg, tmp_path):
+    cfg = small(tiny_cfg)
+    out = tmp_path / "flower"
+    result: dict = {}
+    with Flower(tmp_path / "work") as flower:
+        flower.start_superlink()
+        for index in range(2):
+            flower.start_supernode(index, 2, node_settings(cfg, flower.start_worker(index)))
+
+        def run() -> None:
+            try:
+                result["summary"] = flower.run(cfg, out, timeout=RUN_TIMEOUT, round_timeout=30.0)
+            except Exception as exc:  # noqa: BLE001 (the main thread reports it)
+                result["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not ((out / "metrics.jsonl").exists() and rows(out)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert rows(out), "round 1 never finished"
+        flower.kill("supernode-1")
+        flower.kill("worker-1")
+        thread.join(RUN_TIMEOUT)
+    assert "error" not in result, result.get("error")
+    summary, metrics = result["summary"], rows(out)
+    assert summary["rounds"] == 2 and len(metrics) == 2
+    assert metrics[0]["clients"] == [0, 1]
+    assert metrics[-1]["clients"] == [0] and metrics[-1]["rejected"] == {"1": "no reply"}
+    assert torch.isfinite(values(out)).all()
+    assert not any(proc.poll() is None for proc in flower.processes.values())
+    assert os.path.exists(out / "patch.safetensors")
