@@ -72,7 +72,7 @@ SETTINGS = {
 }
 # claim -> (methods, settings, one-line statement)
 CLAIMS: dict[str, tuple[list[str], list[str], str]] = {
-    "1": (["meerkat", "full_fedzo", "magnitude", "random"], ["base"],
+    "1": (["meerkat", "magnitude", "random", "full_fedzo"], ["base"],  # sparse first: the cheap cells
           "Meerkat beats Full-FedZO, a weight-magnitude mask and a random mask under Non-IID data"),
     "2": (["meerkat"], ["T1-iid", "T10-iid", "T1-dirichlet", "T10-dirichlet"],
           "More frequent sync (T=1 vs T=10, same forward passes) narrows the Non-IID vs IID gap"),
