@@ -37,7 +37,7 @@ from typing import Any
 from meerkat_fl import config
 from meerkat_fl.fed.simulate import simulate
 from meerkat_fl.report import detection_table, gradip_analysis, plot_gradip
-from meerkat_fl.rundir import RunDir
+from meerkat_fl.rundir import RunDir, json_safe
 from meerkat_fl.vp import precision_recall
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,7 +145,7 @@ def run_cell(task: str, seed: int, args, results: Path, runs: Path) -> dict[str,
         tic = time.perf_counter()
         summary = run_method(cfg, method, folder, prefix)
         records[method] = run_record(folder / method, summary)
-        cache.write_text(json.dumps(finite_or_null(records[method]), indent=2) + "\n")
+        cache.write_text(json.dumps(json_safe(records[method]), indent=2) + "\n")
         print(f"  {task} seed {seed} {method}: acc {summary['final_eval_accuracy']:.3f} "
               f"({time.perf_counter() - tic:.0f} s)", flush=True)
     plot = results / f"gradip-{task}-seed{seed}.png"
@@ -161,17 +161,6 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     if not finite:
         return math.nan, math.nan
     return statistics.mean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
-
-
-def finite_or_null(value: Any) -> Any:
-    """NaN (nothing flagged: precision undefined) and inf become null, so the JSON is strict."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_null(v) for v in value]
-    return value
 
 
 def main() -> None:
@@ -225,7 +214,7 @@ def main() -> None:
     out["table"] = table
     path = args.json or results / "vp.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite_or_null(out), indent=2, default=str) + "\n")
+    path.write_text(json.dumps(json_safe(out), indent=2, default=str) + "\n")
     print(table)
     print(f"mean ± std over seeds {args.seeds}; precision/recall of the first check (NaN when nothing flagged "
           f"is left out of the mean); plots and per-seed detection tables in {results}; JSON {path}")

@@ -99,7 +99,7 @@ def test_precision_and_recall():
 
 
 def settings():
-    return DetectionSettings(calibration_steps=100, early_window=(0, 20), late_window=(50, 100))
+    return DetectionSettings.from_vp(config.VPConfig(calibration_steps=100, early_window=(0, 20), late_window=(50, 100)))
 
 
 def synthetic_rounds(strategy, rounds, steps_per_round, extreme, seed=0):

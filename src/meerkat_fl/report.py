@@ -11,6 +11,18 @@ from meerkat_fl.errors import ConfigError
 from meerkat_fl.rundir import RunDir
 
 
+def _save(fig, out: str | Path) -> Path:
+    """Write a figure as PNG (creating the folder) and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def load_run(path: str | Path) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
     """(label, metric rows, summary) of a run folder; label is the method and the folder name."""
     run = RunDir(path)
@@ -54,12 +66,7 @@ def plot_runs(paths: Sequence[str | Path], out: str | Path, title: str | None = 
         ax.legend()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def comparison_table(paths: Sequence[str | Path]) -> str:
@@ -97,8 +104,7 @@ def gradip_analysis(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no {GRADIP_LOG} (GradIP needs a sensitive mask and vp.log_gradip = true)")
     cfg = load(run.config_path)
     vp = cfg.vp
-    settings = DetectionSettings(vp.calibration_steps, tuple(vp.early_window), tuple(vp.late_window),
-                                 vp.quiet_factor, vp.rho_later, vp.rho_quiet)
+    settings = DetectionSettings.from_vp(vp)
     kinds = load_partition(run.path / "partition.json").kinds
     trajectories = trajectories_from_records(run.read_metrics(GRADIP_LOG))
     rows = run.read_metrics()
@@ -179,9 +185,4 @@ def plot_gradip(analysis: dict[str, Any], out: str | Path, title: str | None = N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"GradIP trajectories ({analysis['method']})")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(fig, out)

@@ -31,14 +31,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf become null so metrics stay valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -65,7 +65,7 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
         with open(self.path / name, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_json_safe(record)) + "\n")
+            handle.write(json.dumps(json_safe(record)) + "\n")
             handle.flush()
 
     def read_metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
@@ -86,7 +86,7 @@ class RunDir:
         _atomic_write(self.path / name, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def write_json(self, name: str, data: Any) -> None:
-        _atomic_write(self.path / name, (json.dumps(_json_safe(data), indent=2) + "\n").encode())
+        _atomic_write(self.path / name, (json.dumps(json_safe(data), indent=2) + "\n").encode())
 
     def read_json(self, name: str) -> Any:
         return json.loads((self.path / name).read_text(encoding="utf-8"))

@@ -153,14 +153,20 @@ def detection_signals(
 
 @dataclass(frozen=True)
 class DetectionSettings:
-    """The [vp] knobs detection needs, as plain values (no Config below the builders)."""
+    """The [vp] knobs detection needs, as plain values; defaults live in config.VPConfig only."""
 
-    calibration_steps: int = 100
-    early_window: tuple[int, int] = (0, 20)
-    late_window: tuple[int, int] = (50, 100)
-    quiet_factor: float = 0.1
-    rho_later: float = 5.0
-    rho_quiet: float = 0.5
+    calibration_steps: int
+    early_window: tuple[int, int]
+    late_window: tuple[int, int]
+    quiet_factor: float
+    rho_later: float
+    rho_quiet: float
+
+    @classmethod
+    def from_vp(cls, vp) -> DetectionSettings:
+        """From a config.VPConfig (the [vp] section)."""
+        return cls(vp.calibration_steps, tuple(vp.early_window), tuple(vp.late_window), vp.quiet_factor,
+                   vp.rho_later, vp.rho_quiet)
 
     def signals(self, trajectory: np.ndarray) -> Signals:
         """Signals on a trajectory with the late window placed by ``late_window_at``."""
@@ -221,8 +227,7 @@ class MeerkatVPStrategy(MeerkatStrategy):
     @classmethod
     def from_config(cls, cfg) -> MeerkatVPStrategy:
         vp = cfg.vp
-        settings = DetectionSettings(vp.calibration_steps, tuple(vp.early_window), tuple(vp.late_window),
-                                     vp.quiet_factor, vp.rho_later, vp.rho_quiet)
+        settings = DetectionSettings.from_vp(vp)
         return cls(range(cfg.fed.num_clients), settings, recheck_every=vp.recheck_every, control=vp.control,
                    seed=cfg.run.seed)
 
