@@ -303,8 +303,9 @@ def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:
                             "wall_seconds": [r["summary"]["wall_seconds"] for r in done],
                             "curves": [r["curve"] for r in done],
                         }
+    tuned = {METHODS[m][2] or m for claim in claims for m in CLAIMS[claim][0]}  # the methods with an lr grid
     grid = {task: {m: {str(lr): (cached(Cell(task, m, "base", lr, 0, "validation")) or {}).get(
-        "summary", {}).get("final_eval_accuracy") for lr in lr_grid(m)} for m in METHODS if METHODS[m][2] is None}
+        "summary", {}).get("final_eval_accuracy") for lr in lr_grid(m)} for m in METHODS if m in tuned}
         for task in tasks}
     return {"lrs": lrs, "results": results, "tuning_grid": grid, "pending": sorted(set(pending))}
 

@@ -1,0 +1,135 @@
+"""benchmarks/paper.py: the reproduction harness's cache, lr tuning, verdicts and worker locks.
+
+The grid itself runs the embedded SmolLM2 for hours; here the same harness runs a two-method, one-claim grid
+on the tiny random Llama and real SST-2, so every stage (tune on validation, test seeds, cache, report) runs
+for real in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def paper(tmp_path, monkeypatch, data_dir):
+    """benchmarks/paper.py with its cache, run folders and locks under tmp_path, on the tiny model."""
+    spec = importlib.util.spec_from_file_location("paper_harness", REPO / "benchmarks" / "paper.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "CELLS", tmp_path / "results" / "paper" / "cells")
+    monkeypatch.setattr(module, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(module, "LOCKS", tmp_path / "runs" / "locks")
+    monkeypatch.setattr(module, "BASE", [
+        "model.source='tiny'", "task.train_size=200", "task.eval_size=32", "task.max_length=32",
+        "task.validation_size=32", "zo.batch_size=4", "fed.num_clients=4", "fed.sample_count=2", "fed.rounds=2",
+        "fed.local_steps=2", "fed.partition='dirichlet'", "fed.alpha=0.5", "run.eval_every=1",
+        "run.checkpoint_every=1", "mask.calibration_sequences=4", "mask.calibration_seq_len=32",
+    ])
+    monkeypatch.setattr(module, "CLAIMS", {"1": (["meerkat", "random"], ["base"], "tiny claim")})
+    monkeypatch.setenv("MEERKAT_DATA_DIR", data_dir)
+    return module
+
+
+def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache(paper, monkeypatch):
+    data = paper.collect(["sst2"], ["1"], [0, 1, 2], run=True)
+    assert data["pending"] == []
+    cells = sorted(p.stem for p in paper.CELLS.glob("*.json"))
+    # 3 lr points x 2 methods on validation (seed 0), then 3 test seeds x 2 methods at the chosen lr
+    assert sum(c.startswith("validation-") for c in cells) == 6
+    assert sum(c.startswith("test-") for c in cells) == 6
+    for method in ("meerkat", "random"):
+        grid = data["tuning_grid"]["sst2"][method]
+        chosen = data["lrs"]["sst2"][method]
+        assert grid[str(chosen)] == max(grid.values())  # the best validation accuracy, never the test split
+        result = data["results"][f"sst2/{method}/base"]
+        assert result["seeds"] == [0, 1, 2] and len(result["accuracy"]) == 3
+        assert all(0.0 <= a <= 1.0 for a in result["accuracy"])
+        assert result["curves"][0][-1][1] > 0  # cumulative bytes grow along the curve
+
+    def no_more_runs(*args, **kwargs):
+        raise AssertionError("a cached cell was run again")
+
+    monkeypatch.setattr(paper, "simulate", no_more_runs)
+    again = paper.collect(["sst2"], ["1"], [0, 1, 2], run=True)
+    assert again["results"] == data["results"] and again["lrs"] == data["lrs"]
+
+    monkeypatch.setattr(sys, "argv", ["paper.py", "--report-only", "--tasks", "sst2", "--claims", "1"])
+    paper.main()
+    payload = json.loads((paper.RESULTS / "paper.json").read_text())
+    assert payload["cells_cached"] == 12 and payload["results"] == json.loads(json.dumps(data["results"]))
+    tables = (paper.RESULTS / "paper" / "tables.md").read_text()
+    assert "meerkat vs random:" in tables and "chosen" in tables
+    assert (paper.RESULTS / "paper" / "accuracy.png").stat().st_size > 0
+
+
+def test_verdict_needs_three_seeds_and_two_standard_errors(paper):
+    assert paper.verdict([0.6, 0.61, 0.62], [0.5, 0.51, 0.52]).startswith("holds (+0.100")
+    assert paper.verdict([0.5, 0.51, 0.52], [0.6, 0.61, 0.62]).startswith("does not hold (-0.100")
+    assert paper.verdict([0.5, 0.6, 0.7], [0.55, 0.45, 0.65]).startswith("inconclusive (+0.050")
+    assert paper.verdict([0.9, 0.9], [0.1, 0.1]) == "inconclusive (fewer than 3 seeds)"
+
+
+def test_tuning_ties_go_to_the_smallest_lr(paper, monkeypatch):
+    grid = paper.lr_grid("random")
+    monkeypatch.setattr(paper, "fetch", lambda cell, run, pending: {"summary": {"final_eval_accuracy": 0.5}})
+    assert paper.tuned_lr("sst2", "random", False, []) == min(grid)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_lock_held_by_a_live_worker_is_respected_and_a_dead_workers_lock_is_taken_over(paper):
+    mine = paper._lock("cell")
+    assert mine is not None and mine.read_text() == str(os.getpid())
+    assert paper._lock("cell") == mine  # our own lock: still ours
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine.write_text(str(other.pid))
+        assert paper._lock("cell") is None
+    finally:
+        other.kill()
+        other.wait()
+    mine.write_text(str(_dead_pid()))
+    assert paper._lock("cell") == mine and mine.read_text() == str(os.getpid())
+
+    mine.write_text("")  # created by a worker that has not written its pid yet: wait...
+    assert paper._lock("cell") is None
+    old = time.time() - 120
+    os.utime(mine, (old, old))  # ...unless it never will
+    assert paper._lock("cell") == mine
+
+
+def test_a_dense_cell_waits_for_the_dense_slot_and_releases_its_own_lock(paper, monkeypatch):
+    cell = paper.Cell("sst2", "full_fedzo", "base", 1e-7, 0, "test")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        paper.LOCKS.mkdir(parents=True)
+        (paper.LOCKS / "dense.lock").write_text(str(other.pid))
+        with pytest.raises(paper.Busy):
+            paper.run_cell(cell)
+        assert not (paper.LOCKS / f"{cell.key}.lock").exists()  # another worker may take it later
+    finally:
+        other.kill()
+        other.wait()
+
+    ran = []
+    monkeypatch.setattr(paper, "_run", lambda c, path: ran.append(c) or {"cell": c.key})
+    assert paper.run_cell(cell) == {"cell": cell.key} and ran == [cell]
+    assert list(paper.LOCKS.iterdir()) == []  # both the cell's lock and the dense slot are released
