@@ -47,8 +47,10 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     data = paper.collect(["sst2"], ["1"], [0, 1, 2], run=True)
     assert data["pending"] == []
     cells = sorted(p.stem for p in paper.CELLS.glob("*.json"))
-    # 3 lr points x 2 methods on validation (seed 0), then 3 test seeds x 2 methods at the chosen lr
-    assert sum(c.startswith("validation-") for c in cells) == 6
+    # each method's lr grid on validation (seed 0), then 3 test seeds x 2 methods at the chosen lr
+    grid_points = len(paper.lr_grid("meerkat")) + len(paper.lr_grid("random"))
+    assert grid_points == 3 + 5  # the random mask's grid has two more points above
+    assert sum(c.startswith("validation-") for c in cells) == grid_points
     assert sum(c.startswith("test-") for c in cells) == 6
     for method in ("meerkat", "random"):
         grid = data["tuning_grid"]["sst2"][method]
@@ -69,7 +71,7 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     monkeypatch.setattr(sys, "argv", ["paper.py", "--report-only", "--tasks", "sst2", "--claims", "1"])
     paper.main()
     payload = json.loads((paper.RESULTS / "paper.json").read_text())
-    assert payload["cells_cached"] == 12 and payload["results"] == json.loads(json.dumps(data["results"]))
+    assert payload["cells_cached"] == grid_points + 6 and payload["results"] == json.loads(json.dumps(data["results"]))
     tables = (paper.RESULTS / "paper" / "tables.md").read_text()
     assert "meerkat vs random:" in tables and "chosen" in tables
     assert (paper.RESULTS / "paper" / "accuracy.png").stat().st_size > 0
@@ -80,6 +82,41 @@ def test_verdict_needs_three_seeds_and_two_standard_errors(paper):
     assert paper.verdict([0.5, 0.51, 0.52], [0.6, 0.61, 0.62]).startswith("does not hold (-0.100")
     assert paper.verdict([0.5, 0.6, 0.7], [0.55, 0.45, 0.65]).startswith("inconclusive (+0.050")
     assert paper.verdict([0.9, 0.9], [0.1, 0.1]) == "inconclusive (fewer than 3 seeds)"
+
+
+def test_paired_verdict_cancels_the_shared_seed_spread(paper):
+    # each seed moves both methods together (its test subsample): unpaired it is noise, paired it holds
+    a, b = {0: 0.70, 1: 0.71, 2: 0.745}, {0: 0.68, 1: 0.685, 2: 0.72}
+    assert paper.verdict(list(a.values()), list(b.values())).startswith("inconclusive (+0.023")
+    assert paper.paired_verdict(a, b).startswith("holds (+0.023")
+    assert paper.paired_verdict(b, a).startswith("does not hold (-0.023")
+    assert paper.paired_verdict({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.5, 1: 0.6, 2: 0.7}) == "inconclusive (+0.000 ± 0.000)"
+    assert paper.paired_verdict(a, {0: 0.6, 1: 0.6, 5: 0.6}) == "inconclusive (fewer than 3 shared seeds)"
+
+
+def test_bytes_to_beat_reads_the_seed_mean_curve(paper):
+    curves = [[[4, 100, 0.60], [8, 200, 0.70]], [[4, 110, 0.64], [8, 210, 0.66]]]  # (round, bytes, accuracy)
+    assert paper.bytes_to_beat(curves, 0.61) == (4, 105)  # mean 0.62 at round 4
+    assert paper.bytes_to_beat(curves, 0.62) == (8, 205)  # strictly above: 0.62 is not
+    assert paper.bytes_to_beat(curves, 0.70) is None
+    assert paper.bytes_to_beat([curves[0], curves[1][:1]], 0.5) is None  # seeds evaluated at other rounds
+
+
+def test_a_task_runs_only_its_own_claims(paper, monkeypatch):
+    monkeypatch.setattr(paper, "CLAIMS", {
+        "1": (["meerkat"], ["base"], "one"), "2": (["random"], ["base"], "two")})
+    monkeypatch.setattr(paper, "TASK_CLAIMS", {"rte": ("1",)})
+    seen = []
+    monkeypatch.setattr(paper, "fetch", lambda cell, run, pending: seen.append(cell) or {
+        "cell": {"seed": cell.seed}, "summary": {"final_eval_accuracy": 0.5, "zero_shot_accuracy": 0.5,
+                                                 "bytes_up_per_round": 1, "bytes_down_per_round": 1,
+                                                 "wall_seconds": 1.0}, "curve": []})
+    data = paper.collect(["sst2", "rte"], ["1", "2"], [0, 1, 2], run=False)
+    assert {(c.task, c.method) for c in seen} == {("sst2", "meerkat"), ("sst2", "random"), ("rte", "meerkat")}
+    assert set(data["tuning_grid"]["rte"]) == {"meerkat"}
+    assert "rte" not in paper.report(data, ["sst2", "rte"], ["2"]).split("### Tuning grid")[0]
+    rte = paper.Cell("rte", "meerkat", "base", 1e-3, 0, "test").overrides()
+    assert rte.index("task.max_length=64") > rte.index("task.max_length=32")  # the later override wins
 
 
 def test_tuning_ties_go_to_the_smallest_lr(paper, monkeypatch):
