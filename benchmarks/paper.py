@@ -88,7 +88,11 @@ SETTINGS = {
     "T10-iid": ["fed.partition='iid'", "fed.local_steps=10", "fed.rounds=2", "run.eval_every=1"],
     "T1-dirichlet": ["fed.local_steps=1", "fed.rounds=20", "run.eval_every=5"],
     "T10-dirichlet": ["fed.local_steps=10", "fed.rounds=2", "run.eval_every=1"],
+    # the epsilon check: Meerkat at its tuned lr, on validation, with the perturbation scale moved x0.1 and x10
+    "eps1e-4": ["zo.eps=1e-4"],
+    "eps1e-2": ["zo.eps=1e-2"],
 }
+EPS_CHECK = {"1e-4": "eps1e-4", "1e-2": "eps1e-2"}  # eps -> setting; 1e-3 (BASE) is the tuning grid's own cell
 # claim -> (methods, settings, one-line statement)
 CLAIMS: dict[str, tuple[list[str], list[str], str]] = {
     "1": (["meerkat", "magnitude", "random", "full_fedzo"], ["base"],  # sparse first: the cheap cells
@@ -346,13 +350,20 @@ def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:
                             "wall_seconds": [r["summary"]["wall_seconds"] for r in done],
                             "curves": [r["curve"] for r in done],
                         }
-    grid = {}
+    grid: dict[str, Any] = {}
+    eps: dict[str, dict[str, float | None]] = {}  # ZO's epsilon is fixed (BASE); this checks Meerkat's sensitivity
     for task in tasks:
         tuned = {METHODS[m][2] or m for claim in claims if claim in TASK_CLAIMS.get(task, claims)
                  for m in CLAIMS[claim][0]}  # the methods with an lr grid
         grid[task] = {m: {str(lr): (cached(Cell(task, m, "base", lr, 0, "validation")) or {}).get(
             "summary", {}).get("final_eval_accuracy") for lr in lr_grid(m)} for m in METHODS if m in tuned}
-    return {"lrs": lrs, "results": results, "tuning_grid": grid, "pending": sorted(set(pending))}
+        lr = lrs[task].get("meerkat")
+        if lr is not None and "1" in claims and "1" in TASK_CLAIMS.get(task, claims):
+            eps[task] = {"1e-3": grid[task]["meerkat"][str(lr)], "lr": lr}
+            for value, setting in EPS_CHECK.items():
+                result = fetch(Cell(task, "meerkat", setting, lr, 0, "validation"), run, pending)
+                eps[task][value] = result["summary"]["final_eval_accuracy"] if result else None
+    return {"lrs": lrs, "results": results, "tuning_grid": grid, "eps_check": eps, "pending": sorted(set(pending))}
 
 
 def work(tasks, claims, seeds) -> None:
@@ -471,6 +482,11 @@ def report(data: dict[str, Any], tasks, claims) -> str:
         for method, grid in methods.items():
             cells = ", ".join(f"lr {lr}: {'-' if v is None else f'{v:.3f}'}" for lr, v in grid.items())
             lines.append(f"- {task} / {method}: {cells}; chosen {data['lrs'].get(task, {}).get(method)}")
+    if data.get("eps_check"):
+        lines += ["", "### Epsilon check (Meerkat at its tuned lr, validation accuracy, seed 0)", ""]
+        for task, row in data["eps_check"].items():
+            cells = ", ".join(f"eps {e}: {'-' if row.get(e) is None else f'{row[e]:.3f}'}" for e in ("1e-4", "1e-3", "1e-2"))
+            lines.append(f"- {task} (lr {row['lr']}): {cells}")
     return "\n".join(lines) + "\n"
 
 

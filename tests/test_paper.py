@@ -50,7 +50,13 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     # each method's lr grid on validation (seed 0), then 3 test seeds x 2 methods at the chosen lr
     grid_points = len(paper.lr_grid("meerkat")) + len(paper.lr_grid("random"))
     assert grid_points == 3 + 5  # the random mask's grid has two more points above
-    assert sum(c.startswith("validation-") for c in cells) == grid_points
+    eps_cells = [c for c in cells if "-meerkat-eps" in c]  # Meerkat's epsilon check, at its tuned lr
+    assert len(eps_cells) == 2 and all(c.startswith("validation-") for c in eps_cells)
+    assert sum(c.startswith("validation-") for c in cells) == grid_points + 2
+    for cell, eps in zip(sorted(eps_cells), ("0.01", "0.0001")):  # the run folder's resolved config
+        assert f"eps = {eps}" in (paper.RUNS / cell / "config.toml").read_text()
+    check = data["eps_check"]["sst2"]
+    assert check["lr"] == data["lrs"]["sst2"]["meerkat"] and all(0 <= check[e] <= 1 for e in ("1e-4", "1e-3", "1e-2"))
     assert sum(c.startswith("test-") for c in cells) == 6
     for method in ("meerkat", "random"):
         grid = data["tuning_grid"]["sst2"][method]
@@ -71,9 +77,9 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     monkeypatch.setattr(sys, "argv", ["paper.py", "--report-only", "--tasks", "sst2", "--claims", "1"])
     paper.main()
     payload = json.loads((paper.RESULTS / "paper.json").read_text())
-    assert payload["cells_cached"] == grid_points + 6 and payload["results"] == json.loads(json.dumps(data["results"]))
+    assert payload["cells_cached"] == grid_points + 2 + 6 and payload["results"] == json.loads(json.dumps(data["results"]))
     tables = (paper.RESULTS / "paper" / "tables.md").read_text()
-    assert "meerkat vs random:" in tables and "chosen" in tables
+    assert "meerkat vs random:" in tables and "chosen" in tables and "Epsilon check" in tables
     assert (paper.RESULTS / "paper" / "accuracy.png").stat().st_size > 0
 
 
