@@ -245,10 +245,19 @@ def cached(cell: Cell) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+# A worker runs one cell per pass over the grid, then starts again from the top, so a task whose lr another
+# worker was still tuning is taken up again before any later task's cells (claims finish task by task).
+WORKER_PASS = {"one_cell": False, "ran": False}
+
+
 def fetch(cell: Cell, run: bool, pending: list[str]) -> dict[str, Any] | None:
     """The cell's result: run it when ``run`` (and no other worker has it); None (noted in pending) otherwise."""
+    if WORKER_PASS["one_cell"] and WORKER_PASS["ran"]:
+        run = False
     try:
+        fresh = run and cached(cell) is None
         result = run_cell(cell) if run else cached(cell)
+        WORKER_PASS["ran"] |= fresh and WORKER_PASS["one_cell"]
     except Busy:
         result = None
     if result is None:
@@ -369,13 +378,14 @@ def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:
 
 
 def work(tasks, claims, seeds) -> None:
-    """One worker: run free cells until every cell is cached, waiting while other workers hold the rest."""
+    """One worker: run free cells, one per pass, until every cell is cached; wait while others hold the rest."""
+    WORKER_PASS["one_cell"] = True
     while True:
-        before = len(list(CELLS.glob("*.json")))
+        WORKER_PASS["ran"] = False
         pending = collect(tasks, claims, seeds, run=True)["pending"]
         if not pending:
             return
-        if len(list(CELLS.glob("*.json"))) == before:  # nothing free for us: the rest is held elsewhere
+        if not WORKER_PASS["ran"]:  # nothing free for us: the rest is held elsewhere
             time.sleep(20)
 
 

@@ -113,16 +113,49 @@ def test_a_task_runs_only_its_own_claims(paper, monkeypatch):
         "1": (["meerkat"], ["base"], "one"), "2": (["random"], ["base"], "two")})
     monkeypatch.setattr(paper, "TASK_CLAIMS", {"rte": ("1",)})
     seen = []
-    monkeypatch.setattr(paper, "fetch", lambda cell, run, pending: seen.append(cell) or {
-        "cell": {"seed": cell.seed}, "summary": {"final_eval_accuracy": 0.5, "zero_shot_accuracy": 0.5,
-                                                 "bytes_up_per_round": 1, "bytes_down_per_round": 1,
-                                                 "wall_seconds": 1.0}, "curve": []})
+    monkeypatch.setattr(paper, "fetch", lambda cell, run, pending: seen.append(cell) or _fake_result(cell))
     data = paper.collect(["sst2", "rte"], ["1", "2"], [0, 1, 2], run=False)
     assert {(c.task, c.method) for c in seen} == {("sst2", "meerkat"), ("sst2", "random"), ("rte", "meerkat")}
     assert set(data["tuning_grid"]["rte"]) == {"meerkat"}
     assert "rte" not in paper.report(data, ["sst2", "rte"], ["2"]).split("### Tuning grid")[0]
     rte = paper.Cell("rte", "meerkat", "base", 1e-3, 0, "test").overrides()
     assert rte.index("task.max_length=64") > rte.index("task.max_length=32")  # the later override wins
+
+
+def _fake_result(cell) -> dict:
+    return {"cell": {"seed": cell.seed}, "curve": [], "summary": {
+        "final_eval_accuracy": 0.5, "zero_shot_accuracy": 0.5, "bytes_up_per_round": 1,
+        "bytes_down_per_round": 1, "wall_seconds": 1.0}}
+
+
+def test_a_worker_runs_one_cell_per_pass_so_earlier_tasks_go_first(paper, monkeypatch):
+    monkeypatch.setattr(paper, "CLAIMS", {"1": (["meerkat"], ["base"], "one")})
+    ran = []
+
+    def fake_run(cell, path):
+        ran.append(cell.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_fake_result(cell)))
+        return _fake_result(cell)
+
+    monkeypatch.setattr(paper, "_run", fake_run)
+    held = paper.Cell("sst2", "meerkat", "base", paper.lr_grid("meerkat")[-1], 0, "validation")
+    (paper.LOCKS).mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (paper.LOCKS / f"{held.key}.lock").write_text(str(other.pid))  # another worker tunes sst2
+        monkeypatch.setitem(paper.WORKER_PASS, "one_cell", True)
+        for _ in range(3):  # sst2's two free grid points, then agnews's first: one cell a pass
+            monkeypatch.setitem(paper.WORKER_PASS, "ran", False)
+            paper.collect(["sst2", "ag_news"], ["1"], [0, 1, 2], run=True)
+        assert [k.split("-lr")[0] for k in ran] == ["validation-sst2-meerkat-base"] * 2 + ["validation-ag_news-meerkat-base"]
+        (paper.LOCKS / f"{held.key}.lock").unlink()  # the other worker is gone: sst2 comes first again
+        monkeypatch.setitem(paper.WORKER_PASS, "ran", False)
+        paper.collect(["sst2", "ag_news"], ["1"], [0, 1, 2], run=True)
+        assert ran[-1] == held.key
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_tuning_ties_go_to_the_smallest_lr(paper, monkeypatch):
