@@ -332,6 +332,7 @@ def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:
     lrs: dict[str, dict[str, float | None]] = defaultdict(dict)
     results: dict[str, dict[str, Any]] = {}
     pending: list[str] = []
+    eps: dict[str, dict[str, float | None]] = {}  # ZO's epsilon is fixed (BASE); this checks Meerkat's sensitivity
     for task in tasks:  # a task's claims in the order given, then the next task: whole tasks finish first
         for claim in claims:
             if claim not in TASK_CLAIMS.get(task, claims):
@@ -361,19 +362,19 @@ def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:
                             "wall_seconds": [r["summary"]["wall_seconds"] for r in done],
                             "curves": [r["curve"] for r in done],
                         }
+        lr = lrs[task].get("meerkat")
+        if lr is not None and "1" in claims and "1" in TASK_CLAIMS.get(task, claims):
+            tuned = cached(Cell(task, "meerkat", "base", lr, 0, "validation"))
+            eps[task] = {"lr": lr, "1e-3": tuned["summary"]["final_eval_accuracy"] if tuned else None}
+            for value, setting in EPS_CHECK.items():
+                result = fetch(Cell(task, "meerkat", setting, lr, 0, "validation"), run, pending)
+                eps[task][value] = result["summary"]["final_eval_accuracy"] if result else None
     grid: dict[str, Any] = {}
-    eps: dict[str, dict[str, float | None]] = {}  # ZO's epsilon is fixed (BASE); this checks Meerkat's sensitivity
     for task in tasks:
         tuned = {METHODS[m][2] or m for claim in claims if claim in TASK_CLAIMS.get(task, claims)
                  for m in CLAIMS[claim][0]}  # the methods with an lr grid
         grid[task] = {m: {str(lr): (cached(Cell(task, m, "base", lr, 0, "validation")) or {}).get(
             "summary", {}).get("final_eval_accuracy") for lr in lr_grid(m)} for m in METHODS if m in tuned}
-        lr = lrs[task].get("meerkat")
-        if lr is not None and "1" in claims and "1" in TASK_CLAIMS.get(task, claims):
-            eps[task] = {"1e-3": grid[task]["meerkat"][str(lr)], "lr": lr}
-            for value, setting in EPS_CHECK.items():
-                result = fetch(Cell(task, "meerkat", setting, lr, 0, "validation"), run, pending)
-                eps[task][value] = result["summary"]["final_eval_accuracy"] if result else None
     return {"lrs": lrs, "results": results, "tuning_grid": grid, "eps_check": eps, "pending": sorted(set(pending))}
 
 
