@@ -66,13 +66,14 @@ TASK_CLAIMS: dict[str, tuple[str, ...]] = {"rte": ("1", "4", "5")}
 SEEDS = (0, 1, 2)
 LR_CENTRE, LR_FACTORS = 5e-4, (0.25, 1.0, 4.0)
 # The magnitude and random masks' 3-point grids were flat (SST-2) or best at their top point by a validation
-# example or two (AG News), so their grids go on upwards (x16 ... x1024) until every task's best point is inside
-# or the top points diverge: a baseline gets every chance to move. Added after the first grid's results, for the
+# example or two (AG News), so their grids go on upwards (x16 ... x1024, x16384 for random) until every task's
+# best point is inside or the top points diverge: a baseline gets every chance to move. Added after the first grid's results, for the
 # 1e-3 baselines of claim 1 only; Meerkat's grid already has an interior optimum on every task.
 # Claim 3's density variants peaked at a grid edge (1e-2 at its top on both tasks, 1e-4 at its bottom on AG
 # News), so each gets one more point beyond that edge (x16 and x1/16).
 METHOD_LR_FACTORS: dict[str, tuple[float, ...]] = {
-    "magnitude": (*LR_FACTORS, 16.0, 64.0, 256.0, 1024.0), "random": (*LR_FACTORS, 16.0, 64.0, 256.0, 1024.0),
+    "magnitude": (*LR_FACTORS, 16.0, 64.0, 256.0, 1024.0),
+    "random": (*LR_FACTORS, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0),  # AG News still climbed at x1024
     "meerkat_d1e-2": (*LR_FACTORS, 16.0), "meerkat_d1e-4": (1 / 16, *LR_FACTORS)}
 
 # method -> (overrides, density used to centre its lr grid, the method whose tuned lr it reuses or None)

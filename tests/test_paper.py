@@ -49,7 +49,7 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     cells = sorted(p.stem for p in paper.CELLS.glob("*.json"))
     # each method's lr grid on validation (seed 0), then 3 test seeds x 2 methods at the chosen lr
     grid_points = len(paper.lr_grid("meerkat")) + len(paper.lr_grid("random"))
-    assert grid_points == 3 + 7  # the random mask's grid has four more points above
+    assert grid_points == 3 + 9  # the random mask's grid has six more points above
     eps_cells = [c for c in cells if "-meerkat-eps" in c]  # Meerkat's epsilon check, at its tuned lr
     assert len(eps_cells) == 2 and all(c.startswith("validation-") for c in eps_cells)
     assert sum(c.startswith("validation-") for c in cells) == grid_points + 2
