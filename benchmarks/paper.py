@@ -6,7 +6,7 @@ cells and, with every cell cached, only rebuilds the tables and plots (seconds).
 runs/paper/ (not committed).
 
 Stages:
-1. tune: for each (task, method) a 3-point lr grid, seed 0, evaluated on a validation split held out of the
+1. tune: for each (task, method) an lr grid, seed 0, evaluated on a validation split held out of the
    training data (task.eval_split=validation), never on the test split. The grid is centred on
    LR_CENTRE * (1e-3 / density) (ZO's stable lr shrinks with the number of perturbed weights) times LR_FACTORS
    (METHOD_LR_FACTORS for the baselines whose 3-point grid was flat).
@@ -67,8 +67,8 @@ SEEDS = (0, 1, 2)
 LR_CENTRE, LR_FACTORS = 5e-4, (0.25, 1.0, 4.0)
 # The magnitude and random masks' 3-point grids were flat (SST-2) or best at their top point by a validation
 # example or two (AG News), so their grids go on upwards (x16 ... x1024, x16384 for random) until every task's
-# best point is inside or the top points diverge: a baseline gets every chance to move. Added after the first grid's results, for the
-# 1e-3 baselines of claim 1 only; Meerkat's grid already has an interior optimum on every task.
+# best point is inside or the top points diverge: a baseline gets every chance to move. Added after the first
+# grid's results, for the 1e-3 baselines of claim 1 only; Meerkat's grid has an interior optimum on every task.
 # Claim 3's density variants peaked at a grid edge (1e-2 at its top on both tasks, 1e-4 at its bottom on AG
 # News), so each gets one more point beyond that edge (x16 and x1/16).
 METHOD_LR_FACTORS: dict[str, tuple[float, ...]] = {
@@ -137,8 +137,8 @@ class Cell:
             extra.append(f"fedmezo.lr_scale={self.lr / 2!r}")
         split = ["task.eval_split='validation'", "run.zero_shot=false", "run.eval_every=0"] \
             if self.split == "validation" else []
-        return [*BASE, *TASK_OVERRIDES.get(self.task, []), f"task.name={self.task!r}", *extra, *SETTINGS[self.setting], f"zo.lr={self.lr!r}",
-                f"run.seed={self.seed}", *split]
+        return [*BASE, *TASK_OVERRIDES.get(self.task, []), f"task.name={self.task!r}", *extra,
+                *SETTINGS[self.setting], f"zo.lr={self.lr!r}", f"run.seed={self.seed}", *split]
 
 
 def task_text(task: str) -> Path:
@@ -336,7 +336,7 @@ def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:
     lrs: dict[str, dict[str, float | None]] = defaultdict(dict)
     results: dict[str, dict[str, Any]] = {}
     pending: list[str] = []
-    eps: dict[str, dict[str, float | None]] = {}  # ZO's epsilon is fixed (BASE); this checks Meerkat's sensitivity
+    eps: dict[str, dict[str, float | None]] = {}  # epsilon is fixed in BASE; this checks Meerkat's sensitivity
     for task in tasks:  # a task's claims in the order given, then the next task: whole tasks finish first
         for claim in claims:
             if claim not in TASK_CLAIMS.get(task, claims):
@@ -436,7 +436,8 @@ def report(data: dict[str, Any], tasks, claims) -> str:
         return dict(zip(r.get("seeds", []), r.get("accuracy", [])))
 
     def compare(task: str, a: str, b: str) -> str:
-        return f"{verdict(acc(task, a), acc(task, b))}; paired by seed: {paired_verdict(by_seed(task, a), by_seed(task, b))}"
+        paired = paired_verdict(by_seed(task, a), by_seed(task, b))
+        return f"{verdict(acc(task, a), acc(task, b))}; paired by seed: {paired}"
 
     lines = []
     for claim in claims:
@@ -457,8 +458,8 @@ def report(data: dict[str, Any], tasks, claims) -> str:
                 for other in others:
                     lines.append(f"- {task}: meerkat vs {other}: {compare(task, 'meerkat', other)}")
                 if claim == "4":
-                    lines.append(f"- {task}: wikitext mask minus task mask: {compare(task, 'meerkat', 'meerkat_taskmask')}"
-                                 " (claim: no difference)")
+                    same = compare(task, "meerkat", "meerkat_taskmask")
+                    lines.append(f"- {task}: wikitext mask minus task mask: {same} (claim: no difference)")
             elif claim == "2":
                 gaps = {t: {s: by_seed(task, "meerkat", f"T{t}-iid")[s] - d
                             for s, d in by_seed(task, "meerkat", f"T{t}-dirichlet").items()
@@ -502,7 +503,8 @@ def report(data: dict[str, Any], tasks, claims) -> str:
     if data.get("eps_check"):
         lines += ["", "### Epsilon check (Meerkat at its tuned lr, validation accuracy, seed 0)", ""]
         for task, row in data["eps_check"].items():
-            cells = ", ".join(f"eps {e}: {'-' if row.get(e) is None else f'{row[e]:.3f}'}" for e in ("1e-4", "1e-3", "1e-2"))
+            cells = ", ".join(f"eps {e}: {'-' if row.get(e) is None else f'{row[e]:.3f}'}"
+                              for e in ("1e-4", "1e-3", "1e-2"))
             lines.append(f"- {task} (lr {row['lr']}): {cells}")
     return "\n".join(lines) + "\n"
 
