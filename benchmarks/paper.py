@@ -87,6 +87,7 @@ METHODS: dict[str, tuple[list[str], float, str | None]] = {
     "meerkat_taskmask": (["mask.kind='sensitive'", "mask.density=1e-3"], 1e-3, "meerkat"),
     "fedmezo": (["mask.kind='dense'", "zo.noise_cache='on'", "fed.strategy='fedmezo'"], 1.0, "full_fedzo"),
 }
+PATHOLOGICAL = ["fed.partition='pathological'", "fed.labels_per_client=1"]
 # Settings beyond BASE; T x rounds is 20 local steps per sampled client in both sync frequencies.
 SETTINGS = {
     "base": [],
@@ -94,6 +95,9 @@ SETTINGS = {
     "T10-iid": ["fed.partition='iid'", "fed.local_steps=10", "fed.rounds=2", "run.eval_every=1"],
     "T1-dirichlet": ["fed.local_steps=1", "fed.rounds=20", "run.eval_every=5"],
     "T10-dirichlet": ["fed.local_steps=10", "fed.rounds=2", "run.eval_every=1"],
+    # extreme Non-IID: every client holds one label (Dirichlet 0.5 barely hurt at this budget)
+    "T1-pathological": [*PATHOLOGICAL, "fed.local_steps=1", "fed.rounds=20", "run.eval_every=5"],
+    "T10-pathological": [*PATHOLOGICAL, "fed.local_steps=10", "fed.rounds=2", "run.eval_every=1"],
     # the epsilon check: Meerkat at its tuned lr, on validation, with the perturbation scale moved x0.1 and x10
     "eps1e-4": ["zo.eps=1e-4"],
     "eps1e-2": ["zo.eps=1e-2"],
@@ -103,7 +107,7 @@ EPS_CHECK = {"1e-4": "eps1e-4", "1e-2": "eps1e-2"}  # eps -> setting; 1e-3 (BASE
 CLAIMS: dict[str, tuple[list[str], list[str], str]] = {
     "1": (["meerkat", "magnitude", "random", "full_fedzo"], ["base"],  # sparse first: the cheap cells
           "Meerkat beats Full-FedZO, a weight-magnitude mask and a random mask under Non-IID data"),
-    "2": (["meerkat"], ["T1-iid", "T10-iid", "T1-dirichlet", "T10-dirichlet"],
+    "2": (["meerkat"], ["T1-iid", "T10-iid", "T1-dirichlet", "T10-dirichlet", "T1-pathological", "T10-pathological"],
           "More frequent sync (T=1 vs T=10, same forward passes) narrows the Non-IID vs IID gap"),
     "3": (["meerkat_d1e-4", "meerkat", "meerkat_d1e-2", "full_fedzo"], ["base"],
           "Accuracy vs density 1e-4, 1e-3, 1e-2, dense: is there an optimum?"),
@@ -461,13 +465,15 @@ def report(data: dict[str, Any], tasks, claims) -> str:
                     same = compare(task, "meerkat", "meerkat_taskmask")
                     lines.append(f"- {task}: wikitext mask minus task mask: {same} (claim: no difference)")
             elif claim == "2":
-                gaps = {t: {s: by_seed(task, "meerkat", f"T{t}-iid")[s] - d
-                            for s, d in by_seed(task, "meerkat", f"T{t}-dirichlet").items()
-                            if s in by_seed(task, "meerkat", f"T{t}-iid")} for t in (1, 10)}
-                lines.append(f"- {task}: IID minus Non-IID gap, T=1: {fmt(list(gaps[1].values()))}; "
-                             f"T=10: {fmt(list(gaps[10].values()))}; T=10 gap minus T=1 gap: "
-                             f"{verdict(list(gaps[10].values()), list(gaps[1].values()))}; "
-                             f"paired by seed: {paired_verdict(gaps[10], gaps[1])}")
+                for skew in ("dirichlet", "pathological"):
+                    gaps = {
+                        t: {s: iid[s] - d for s, d in by_seed(task, "meerkat", f"T{t}-{skew}").items() if s in iid}
+                        for t in (1, 10) for iid in [by_seed(task, "meerkat", f"T{t}-iid")]
+                    }
+                    lines.append(f"- {task}: IID minus {skew} gap, T=1: {fmt(list(gaps[1].values()))}; "
+                                 f"T=10: {fmt(list(gaps[10].values()))}; T=10 gap minus T=1 gap: "
+                                 f"{verdict(list(gaps[10].values()), list(gaps[1].values()))}; "
+                                 f"paired by seed: {paired_verdict(gaps[10], gaps[1])}")
             elif claim == "3":
                 means = {m: statistics.fmean(acc(task, m)) for m in methods if acc(task, m)}
                 if means:
