@@ -52,11 +52,14 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     assert grid_points == 3 + 9  # the random mask's grid has six more points above
     eps_cells = [c for c in cells if "-meerkat-eps" in c]  # Meerkat's epsilon check, at its tuned lr
     assert len(eps_cells) == 2 and all(c.startswith("validation-") for c in eps_cells)
-    assert sum(c.startswith("validation-") for c in cells) == grid_points + 2
+    dense_check = [c for c in cells if c.startswith(f"validation-sst2-full_fedzo-base-lr{paper.DENSE_CHECK_LR:.3g}-")]
+    assert len(dense_check) == 1  # Full-FedZO above its grid, a check on validation
+    assert sum(c.startswith("validation-") for c in cells) == grid_points + 2 + 1
     for cell, eps in zip(sorted(eps_cells), ("0.01", "0.0001")):  # the run folder's resolved config
         assert f"eps = {eps}" in (paper.RUNS / cell / "config.toml").read_text()
     check = data["eps_check"]["sst2"]
-    assert check["lr"] == data["lrs"]["sst2"]["meerkat"] and all(0 <= check[e] <= 1 for e in ("1e-4", "1e-3", "1e-2"))
+    assert check["lr"] == data["lrs"]["sst2"]["meerkat"]
+    assert all(0 <= check[e] <= 1 for e in ("1e-4", "1e-3", "1e-2", "full_fedzo_above_grid"))
     assert sum(c.startswith("test-") for c in cells) == 6
     for method in ("meerkat", "random"):
         grid = data["tuning_grid"]["sst2"][method]
@@ -77,9 +80,9 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     monkeypatch.setattr(sys, "argv", ["paper.py", "--report-only", "--tasks", "sst2", "--claims", "1"])
     paper.main()
     payload = json.loads((paper.RESULTS / "paper.json").read_text())
-    assert payload["cells_cached"] == grid_points + 2 + 6 and payload["results"] == json.loads(json.dumps(data["results"]))
+    assert payload["cells_cached"] == grid_points + 3 + 6 and payload["results"] == json.loads(json.dumps(data["results"]))
     tables = (paper.RESULTS / "paper" / "tables.md").read_text()
-    assert "meerkat vs random:" in tables and "chosen" in tables and "Epsilon check" in tables
+    assert "meerkat vs random:" in tables and "chosen" in tables and "Checks beyond the grids" in tables
     assert (paper.RESULTS / "paper" / "accuracy.png").stat().st_size > 0
 
 
@@ -115,7 +118,8 @@ def test_a_task_runs_only_its_own_claims(paper, monkeypatch):
     seen = []
     monkeypatch.setattr(paper, "fetch", lambda cell, run, pending: seen.append(cell) or _fake_result(cell))
     data = paper.collect(["sst2", "rte"], ["1", "2"], [0, 1, 2], run=False)
-    assert {(c.task, c.method) for c in seen} == {("sst2", "meerkat"), ("sst2", "random"), ("rte", "meerkat")}
+    checks = {("sst2", "full_fedzo"), ("rte", "full_fedzo")}  # claim 1's dense check, on validation
+    assert {(c.task, c.method) for c in seen} == {("sst2", "meerkat"), ("sst2", "random"), ("rte", "meerkat")} | checks
     assert set(data["tuning_grid"]["rte"]) == {"meerkat"}
     assert "rte" not in paper.report(data, ["sst2", "rte"], ["2"]).split("### Tuning grid")[0]
     rte = paper.Cell("rte", "meerkat", "base", 1e-3, 0, "test").overrides()
