@@ -266,7 +266,7 @@ def fetch(cell: Cell, run: bool, pending: list[str]) -> dict[str, Any] | None:
     if WORKER_PASS["one_cell"] and WORKER_PASS["ran"]:
         run = False
     try:
-        fresh = run and cached(cell) is None
+        fresh = run and not (CELLS / f"{cell.key}.json").exists()  # no JSON read twice
         result = run_cell(cell) if run else cached(cell)
         WORKER_PASS["ran"] |= fresh and WORKER_PASS["one_cell"]
     except Busy:
