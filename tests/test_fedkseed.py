@@ -220,7 +220,7 @@ def test_a_pool_run_resumes_bit_identically(tiny_cfg, tmp_path, downlink, sampli
     assert_same_run(tmp_path / "full", tmp_path / "cut")
     assert resumed["final_eval_accuracy"] == full["final_eval_accuracy"]
     read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
-    assert full["method"] == ("fedkseed_pro_random_mask" if sampling == "pro" else "fedkseed_random_mask")
+    assert full["method"] == ("fedkseed_pro" if sampling == "pro" else "fedkseed") and full["mask_kind"] == "random"
     assert full["seed_pool"] == K and read(tmp_path / "full")[-1]["pool_nonzero"] > 0
 
 
@@ -269,6 +269,8 @@ def test_method_names_say_fedkseed():
     name = lambda *o: config.method_name(config.load(None, list(o)))
     assert name("fedkseed.pool_size=4096", "mask.kind=dense") == "fedkseed"
     assert name("fedkseed.pool_size=4096", "mask.kind=dense", "fedkseed.sampling=pro") == "fedkseed_pro"
-    assert name("fedkseed.pool_size=4096") == "fedkseed_meerkat"
-    assert name("fedkseed.pool_size=4096", "fed.strategy=fedmezo") == "fedkseed_fedmezo"
+    assert name("fedkseed.pool_size=4096") == "fedkseed"  # a pool over Meerkat's mask: still FedKSeed's rule
+    with pytest.raises(ConfigError, match='method = "fedkseed"'):  # no registered method: the error names one
+        name("fedkseed.pool_size=4096", "fed.strategy=fedmezo")
+    assert name("method='fedkseed_pro'") == "fedkseed_pro"
     assert name("mask.kind=dense") == "full_fedzo"

@@ -201,7 +201,7 @@ def test_lora_targets_override_and_toml_round_trip(tmp_path):
     assert cfg.lora.targets == ("q_proj", "self_attn.k_proj")
     (tmp_path / "c.toml").write_text(config.to_toml(cfg))
     assert config.load(tmp_path / "c.toml") == cfg
-    assert config.method_name(config.apply_overrides(cfg, ["fed.strategy=fedmezo"])) == "fedmezo_lora"
+    assert config.method_name(config.apply_overrides(cfg, ["fed.strategy=fedmezo"])) == "fedmezo"  # on LoRA
 
 
 def test_cli_run_eval_and_export_a_lora_fedzo_run(data_dir, tmp_path, capsys):

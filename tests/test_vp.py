@@ -11,13 +11,13 @@ import torch
 from meerkat_fl import cli, config
 from meerkat_fl.errors import ConfigError
 from meerkat_fl.fed.simulate import simulate
+from meerkat_fl.fed.strategies import ClientInstructions, MeerkatVPStrategy
 from meerkat_fl.local import DataPointer
 from meerkat_fl.masks import build_mask, calibration_batches, pretraining_gradients
 from meerkat_fl.patch import load_patch
 from meerkat_fl.vp import (
     GRADIP_LOG,
     DetectionSettings,
-    MeerkatVPStrategy,
     detection_signals,
     late_window_at,
     path_gradip,
@@ -116,7 +116,8 @@ def test_strategy_stops_detected_clients_after_calibration_only():
     strategy = MeerkatVPStrategy(range(6), settings(), recheck_every=5)
     metrics = synthetic_rounds(strategy, 12, 10, extreme={1, 4})
     assert metrics[8]["vp_stopped"] == [] and metrics[9]["vp_stopped"] == [1, 4]  # classified at 100 steps
-    assert strategy.local_steps(1, 10) == 1 and strategy.local_steps(0, 10) == 10
+    told = strategy.configure(12, [0, 1], ClientInstructions(lr=1e-3, local_steps=10))
+    assert told[1] == ClientInstructions(1e-3, 1) and told[0] == ClientInstructions(1e-3, 10)
     assert "vp_signals" in metrics[9] and metrics[9]["vp_classified"] == 6
 
 
@@ -139,7 +140,8 @@ def test_strategy_state_round_trips():
     strategy = MeerkatVPStrategy(range(4), settings(), recheck_every=5)
     synthetic_rounds(strategy, 11, 10, extreme={2})
     restored = MeerkatVPStrategy(range(4), settings(), recheck_every=5)
-    restored.load_state_dict(json.loads(json.dumps(strategy.state_dict())))
+    tensors, state = strategy.state_dict()
+    restored.load_state_dict(tensors, json.loads(json.dumps(state)))
     assert restored.trajectories == strategy.trajectories and restored.stopped == strategy.stopped == [2]
     assert restored.detected == strategy.detected
 

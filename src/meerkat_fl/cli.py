@@ -16,7 +16,8 @@ from meerkat_fl.errors import MeerkatError
 def _config(args: argparse.Namespace, extra: Sequence[str] = ()):
     from meerkat_fl import config
 
-    cfg = config.load(getattr(args, "config", None), [*extra, *(args.set or [])])
+    method = [f"method={args.method!r}"] if getattr(args, "method", None) else []
+    cfg = config.load(getattr(args, "config", None), [*extra, *method, *(args.set or [])])
     return config.validate(config.resolve_environment(cfg))
 
 
@@ -108,13 +109,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = simulate(cfg, args.resume, resume=True, progress=not args.quiet)
         out = Path(args.resume)
     else:
-        if args.config is None:
-            raise SystemExit("meerkat run: give a CONFIG.toml or --resume DIR")
+        if args.config is None and not args.method:
+            raise SystemExit("meerkat run: give a CONFIG.toml, --method NAME, or --resume DIR")
         cfg = _config(args)
         out = Path(args.out) if args.out else _default_out("run", cfg)
         summary = simulate(cfg, out, progress=not args.quiet)
     print(f"run folder: {out}")
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from meerkat_fl.methods import describe
+
+    print(describe())
     return 0
 
 
@@ -219,6 +227,7 @@ def _add_config_args(p: argparse.ArgumentParser, config_positional: bool = False
         p.add_argument("config", nargs="?", help="TOML config file")
     else:
         p.add_argument("--config", help="TOML config file")
+    p.add_argument("--method", help="the method (see `meerkat methods`); the same as --set method=NAME")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. zo.lr=1e-4")
 
 
@@ -269,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run to the same result")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("methods", help="list the registered methods with a one-line description")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("demo", help="the main job: Meerkat vs Full-FedZO on the embedded model")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo setting")

@@ -21,6 +21,12 @@ import tomllib
 
 from meerkat_fl.errors import ConfigError
 from meerkat_fl.fed.messages import MAX_POOL_SIZE
+from meerkat_fl.fed.seedpool import SAMPLINGS
+from meerkat_fl.fed.strategies import strategy_names
+from meerkat_fl.fed.strategies.fedmezo import SIGNALS as FEDMEZO_SIGNALS
+from meerkat_fl.masks import FILE_KINDS
+from meerkat_fl.methods import method_names
+from meerkat_fl.vp import CONTROLS as VP_CONTROLS
 
 
 @dataclass
@@ -156,6 +162,9 @@ class RunConfig:
 
 @dataclass
 class Config:
+    # The method (meerkat_fl.methods: `meerkat methods` lists them); None: inferred from fed.strategy, mask.kind
+    # and fedkseed.* (configs written before methods were objects). Resolved by ``validate``.
+    method: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -169,22 +178,25 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+# Allowed values; those of methods, strategies, mask kinds, samplings, signals and controls are defined by the
+# registries and modules that own them.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "method": method_names(),
     "model.dtype": ("float32", "fp32", "bf16", "bfloat16", "fp16", "float16"),
     "task.eval_split": ("test", "validation"),
-    "mask.kind": ("sensitive", "random", "magnitude", "dense", "lora"),
+    "mask.kind": FILE_KINDS,
     "mask.scope": ("linear", "all"),
     "mask.selection": ("per_tensor", "global"),
     "mask.score": ("fisher", "grad_squared"),
-    "fed.strategy": ("meerkat", "fedmezo", "meerkat_vp"),
+    "fed.strategy": strategy_names(),
     "fed.partition": ("iid", "dirichlet", "pathological", "mixture"),
     "fed.mixture_rest": ("dirichlet", "iid"),
     "fed.weighting": ("data_size", "uniform"),
     "fed.downlink": ("values", "scalars", "pool"),
-    "fedkseed.sampling": ("uniform", "pro"),
+    "fedkseed.sampling": SAMPLINGS,
     "zo.noise_cache": ("auto", "on", "off"),
-    "fedmezo.signal": ("model_diff", "last_loss", "mean_loss_5"),
-    "vp.control": ("detect", "random"),
+    "fedmezo.signal": FEDMEZO_SIGNALS,
+    "vp.control": VP_CONTROLS,
 }
 POSITIVE = {
     "zo.eps", "zo.batch_size", "task.max_length", "task.eval_batch_size", "task.validation_size",
@@ -236,11 +248,25 @@ def _section_hints(section: Any) -> dict[str, Any]:
     return typing.get_type_hints(type(section))
 
 
+TOP_LEVEL = ("method",)  # settings that are not in a section
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config) if f.name not in TOP_LEVEL]
+
+
+def _set_top(cfg: Config, key: str, value: Any) -> None:
+    setattr(cfg, key, _coerce(key, value, typing.get_type_hints(Config)[key]))
+
+
 def from_dict(data: Mapping[str, Any], base: Config | None = None) -> Config:
     """A Config from nested mappings (TOML tables); unknown sections or keys raise ConfigError."""
     cfg = copy_config(base) if base is not None else Config()
     for section_name, values in data.items():
-        if not hasattr(cfg, section_name) or section_name.startswith("_"):
+        if section_name in TOP_LEVEL:
+            _set_top(cfg, section_name, values)
+            continue
+        if section_name not in _sections():
             known = ", ".join(f.name for f in dataclasses.fields(Config))
             raise ConfigError(f"unknown config section {section_name!r} (known: {known})")
         if not isinstance(values, Mapping):
@@ -261,11 +287,13 @@ def copy_config(cfg: Config) -> Config:
 
 def from_plain(data: Mapping[str, Any]) -> Config:
     cfg = Config()
-    for f in dataclasses.fields(Config):
-        section = getattr(cfg, f.name)
+    for key in TOP_LEVEL:
+        _set_top(cfg, key, data.get(key))
+    for name in _sections():
+        section = getattr(cfg, name)
         hints = _section_hints(section)
-        for key, value in data.get(f.name, {}).items():
-            setattr(section, key, _coerce(f"{f.name}.{key}", value, hints[key]))
+        for key, value in data.get(name, {}).items():
+            setattr(section, key, _coerce(f"{name}.{key}", value, hints[key]))
     return cfg
 
 
@@ -286,6 +314,9 @@ def apply_overrides(cfg: Config, overrides: Iterable[str] | Mapping[str, Any]) -
     items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)
     nested: dict[str, dict[str, Any]] = {}
     for key, value in items:
+        if key in TOP_LEVEL:
+            nested[key] = value  # type: ignore[assignment]
+            continue
         if key.count(".") != 1:
             raise ConfigError(f"override key {key!r} must be section.key, e.g. fed.rounds")
         section, name = key.split(".")
@@ -308,11 +339,11 @@ def _from_string(value: str, hint: Any) -> Any:
 
 
 def validate(cfg: Config) -> Config:
-    """Check choices and ranges; returns ``cfg`` unchanged or raises ConfigError naming the key."""
+    """Resolve the method (in place: ``methods.resolve``), check choices and ranges; returns ``cfg`` or raises
+    ConfigError naming the key."""
+    _check_choices(flatten(cfg))
+    resolve_method(cfg)
     flat = flatten(cfg)
-    for key, choices in CHOICES.items():
-        if flat[key] is not None and flat[key] not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {flat[key]!r}")
     for key in POSITIVE:
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
@@ -332,6 +363,12 @@ def validate(cfg: Config) -> Config:
     _validate_lora(cfg)
     _validate_fedkseed(cfg)
     return cfg
+
+
+def _check_choices(flat: Mapping[str, Any]) -> None:
+    for key, choices in CHOICES.items():
+        if flat[key] is not None and flat[key] not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {flat[key]!r}")
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -368,8 +405,30 @@ def _validate_vp(cfg: Config) -> None:
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
-    """{"section.key": value} for every setting."""
-    return {f"{s}.{k}": v for s, section in to_dict(cfg).items() for k, v in section.items()}
+    """{"section.key": value} for every setting (top-level settings under their own name)."""
+    flat: dict[str, Any] = {}
+    for s, section in to_dict(cfg).items():
+        if s in TOP_LEVEL:
+            flat[s] = section
+        else:
+            flat.update({f"{s}.{k}": v for k, v in section.items()})
+    return flat
+
+
+def _set_dotted(cfg: Config, key: str, value: Any) -> None:
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+
+
+def resolve_method(cfg: Config) -> Config:
+    """Apply ``cfg.method``'s fixed settings and defaults in place (``methods.resolve``); an explicit method
+    stays recorded, an inferred one is not written (so an old config's flags keep their meaning)."""
+    from meerkat_fl import methods
+
+    _, updates = methods.resolve(flatten(cfg), flatten(Config()), cfg.method)
+    for key, value in updates.items():
+        _set_dotted(cfg, key, value)
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
@@ -379,10 +438,11 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 def to_toml(cfg: Config) -> str:
     """TOML text of the resolved config. TOML has no null: None is written as the string "none", which
     loading reads back as None for the optional keys, so a saved config reloads to the same Config."""
-    data = {
+    data: dict[str, Any] = {k: v for k, v in to_dict(cfg).items() if k in TOP_LEVEL and v is not None}
+    data.update({
         s: {k: "none" if v is None else list(v) if isinstance(v, tuple) else v for k, v in section.items()}
-        for s, section in to_dict(cfg).items()
-    }
+        for s, section in to_dict(cfg).items() if s not in TOP_LEVEL
+    })
     return tomli_w.dumps(data)
 
 
@@ -418,19 +478,7 @@ def resolve_environment(cfg: Config, environ: Mapping[str, str] | None = None) -
 
 
 def method_name(cfg: Config) -> str:
-    """A readable name for the method a config describes (used in summaries and plots).
+    """The name of the method a config describes: ``cfg.method``, or the one its flags make (methods.infer)."""
+    from meerkat_fl import methods
 
-    With a seed pool: "fedkseed" (dense mask, meerkat strategy: FedKSeed proper), "fedkseed_pro" for Pro
-    sampling, and "fedkseed[_pro]_<name without pool>" for the combinations (e.g. fedkseed_meerkat).
-    """
-    if cfg.fed.strategy == "fedmezo":
-        name = "fedmezo_lora" if cfg.mask.kind == "lora" else "fedmezo"
-    elif cfg.fed.strategy == "meerkat_vp":
-        name = "meerkat_vp" if cfg.vp.control == "detect" else "random_stop"
-    else:
-        name = {"sensitive": "meerkat", "dense": "full_fedzo", "random": "random_mask",
-                "magnitude": "magnitude_mask", "lora": "lora_fedzo"}[cfg.mask.kind]
-    if cfg.fedkseed.pool_size == 0:
-        return name
-    pool = "fedkseed_pro" if cfg.fedkseed.sampling == "pro" else "fedkseed"
-    return pool if name == "full_fedzo" else f"{pool}_{name}"
+    return cfg.method if cfg.method is not None else methods.infer(flatten(cfg))

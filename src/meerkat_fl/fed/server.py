@@ -8,7 +8,7 @@ coefficients. It never holds a model: evaluation writes its values into the shar
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from meerkat_fl.fed.messages import (
     validate_update,
 )
 from meerkat_fl.fed.seedpool import SeedPool
+from meerkat_fl.fed.strategies import ClientInstructions, Strategy
 from meerkat_fl.local import step_seeds
 from meerkat_fl.masks import Mask
 
@@ -86,7 +87,7 @@ class Server:
     """Drives rounds with a strategy; the in-process simulator and the Flower ServerApp share it."""
 
     def __init__(
-        self, mask: Mask, values: torch.Tensor, strategy, *, client_sizes: dict[int, int], run_seed: int,
+        self, mask: Mask, values: torch.Tensor, strategy: Strategy, *, client_sizes: dict[int, int], run_seed: int,
         local_steps: int, lr: float, eps: float, batch_size: int, weighting: str = "data_size",
         downlink: str = "values", sample_fraction: float = 1.0, sample_count: int | None = None,
         max_abs_scalar: float = 1e6, seed_pool: SeedPool | None = None,
@@ -113,14 +114,17 @@ class Server:
         rng = np.random.default_rng([self.run_seed, round_index, 0xC11E])
         return sorted(int(i) for i in rng.choice(ids, size=count, replace=False))
 
-    def plan_for(self, client_id: int, round_index: int) -> RoundPlan:
-        steps = self.strategy.local_steps(client_id, self.local_steps)
+    def plan_for(self, client_id: int, round_index: int, told: ClientInstructions | None = None) -> RoundPlan:
+        """The plan for one client: what the strategy told it (lr, T), the round's seeds and the downlink."""
+        if told is None:
+            told = self.strategy.configure(round_index, [client_id], self.instructions())[client_id]
+        steps = told.local_steps
         if self.seed_pool is not None:
             seeds = self.seed_pool.step_seeds(round_index, client_id, steps)
         else:
             seeds = np.asarray(step_seeds(self.run_seed, round_index, client_id, steps), dtype=np.int64)
         common = {"round": round_index, "client_id": client_id, "seeds": seeds,
-                  "lr": self.strategy.client_lr(client_id, self.lr), "eps": self.eps, "batch_size": self.batch_size,
+                  "lr": told.lr, "eps": self.eps, "batch_size": self.batch_size,
                   "pool_size": 0 if self.seed_pool is None else self.seed_pool.size}
         if self.downlink == "values":
             return RoundPlan(**common, values=self.values.detach().cpu().numpy())
@@ -131,9 +135,14 @@ class Server:
         paths = tuple(p for r in range(synced + 1, round_index) for p in self.history.get(r, []))
         return RoundPlan(**common, paths=paths, synced_round=synced)
 
+    def instructions(self) -> ClientInstructions:
+        """The run's base instructions (lr, T) that a strategy personalises."""
+        return ClientInstructions(self.lr, self.local_steps)
+
     def configure_round(self) -> tuple[dict[int, RoundPlan], EncodedPlans]:
         """Plans (objects, kept to validate replies) and their bytes for this round's clients, encoded lazily."""
-        plans = {cid: self.plan_for(cid, self.round) for cid in self.sample(self.round)}
+        told = self.strategy.configure(self.round, self.sample(self.round), self.instructions())
+        plans = {cid: self.plan_for(cid, self.round, told[cid]) for cid in sorted(told)}
         return plans, EncodedPlans(plans)
 
     def aggregate_round(
@@ -159,13 +168,19 @@ class Server:
             ClientPath(self.round, cid, weights[cid], plans[cid].lr, plans[cid].seeds, updates[cid].scalars)
             for cid in sorted(updates)
         ]
-        start = self.values
         pool_metrics: dict[str, Any] = {}
-        if self.seed_pool is not None:  # FedKSeed: sum scalars per pool seed (the same mean of virtual paths)
-            self.values, pool_metrics = self.seed_pool.aggregate(self.round, paths)
-        else:
-            self.values = aggregate_paths(start, self.mask, paths)
-        metrics = {**self.strategy.after_round(self.round, start, self.mask, paths, updates), **pool_metrics}
+
+        def combine(start: torch.Tensor, accepted: Sequence[ClientPath]) -> torch.Tensor:
+            if self.seed_pool is None:
+                return aggregate_paths(start, self.mask, accepted)
+            # FedKSeed: sum scalars per pool seed (the same mean of virtual paths, exact in fixed point)
+            values, more = self.seed_pool.aggregate(self.round, accepted)
+            pool_metrics.update(more)
+            return values
+
+        outcome = self.strategy.aggregate(self.round, self.values, self.mask, paths, updates, combine)
+        self.values = outcome.values
+        metrics = {**outcome.metrics, **pool_metrics}
         if self.downlink == "scalars":
             self.history[self.round] = paths
             for cid in plans:  # a client that did not answer may have lost its state (a restarted node): it
@@ -194,9 +209,10 @@ class Server:
             str(r): [[p.client_id, p.weight, p.lr, p.seeds.tolist(), p.scalars.tolist()] for p in paths]
             for r, paths in self.history.items()
         }
+        strategy_tensors, strategy_state = self.strategy.state_dict()
         state = {"round": self.round, "client_synced": {str(k): v for k, v in self.client_synced.items()},
-                 "history": history, "rejected_total": self.rejected_total, "strategy": self.strategy.state_dict()}
-        tensors = {"server.values": self.values}
+                 "history": history, "rejected_total": self.rejected_total, "strategy": strategy_state}
+        tensors = {"server.values": self.values, **{f"strategy.{k}": v for k, v in strategy_tensors.items()}}
         if self.seed_pool is not None:
             tensors.update(self.seed_pool.state_tensors())
         return tensors, state
@@ -211,6 +227,8 @@ class Server:
             for r, paths in state["history"].items()
         }
         self.rejected_total = state["rejected_total"]
-        self.strategy.load_state_dict(state["strategy"])
+        prefix = "strategy."
+        self.strategy.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                      state["strategy"])
         if self.seed_pool is not None:
             self.seed_pool.load_state_tensors(tensors)

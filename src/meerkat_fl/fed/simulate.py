@@ -18,7 +18,7 @@ from meerkat_fl.config import Config, method_name
 from meerkat_fl.fed.client import Client, ClientRuntime
 from meerkat_fl.fed.seedpool import PoolModel, SeedPool
 from meerkat_fl.fed.server import RoundResult, Server
-from meerkat_fl.fed.strategies import FedMeZOStrategy, MeerkatStrategy
+from meerkat_fl.fed.strategies import make_strategy
 from meerkat_fl.fed.transport import InProcessTransport, Transport
 from meerkat_fl.partition import Partition, format_histogram, make_partition, save_partition
 from meerkat_fl.patch import save_patch
@@ -27,16 +27,6 @@ from meerkat_fl.vp import GRADIP_LOG, gradip_records
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
 
 log = logging.getLogger(__name__)
-
-
-def make_strategy(cfg: Config):
-    if cfg.fed.strategy == "fedmezo":
-        return FedMeZOStrategy(cfg.fedmezo.signal, cfg.fedmezo.lr_scale)
-    if cfg.fed.strategy == "meerkat_vp":
-        from meerkat_fl.vp import MeerkatVPStrategy  # issue 4
-
-        return MeerkatVPStrategy.from_config(cfg)
-    return MeerkatStrategy()
 
 
 def partition_for(cfg: Config, labels: np.ndarray) -> Partition:
