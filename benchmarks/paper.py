@@ -234,7 +234,8 @@ def _run(cell: Cell, path: Path) -> dict[str, Any]:
     out = RUNS / cell.key
     resume = (out / "checkpoint.safetensors").exists()
     print(f"[{time.strftime('%H:%M:%S')}] {'resume' if resume else 'run'} {cell.key}", flush=True)
-    summary = simulate(cfg, out, resume=resume, progress=False)
+    summary = simulate(cfg, out, resume=resume, progress=False, overwrite=not resume)  # a cell cut before its
+    # first checkpoint starts again
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     curve, total = [], 0
     for row in rows:

@@ -106,7 +106,8 @@ def run_method(cfg, method: str, folder: Path, prefix: Path) -> dict[str, Any]:
             shutil.rmtree(out)
         shutil.copytree(prefix, out, ignore=shutil.ignore_patterns("prefix.done", "gradip.png"))
         RunDir.create(out, method_cfg)  # this method's resolved config replaces the prefix's
-    return simulate(method_cfg, out, resume=True, progress=False)
+    # the prefix's checkpoint continues as this method: only its method keys may differ from the prefix's
+    return simulate(method_cfg, out, resume=True, progress=False, allow_changed=("fed.strategy", "vp.control"))
 
 
 def run_record(out: Path, summary: dict[str, Any]) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def test_clients_replaying_scalars_hold_the_servers_model(tiny_cfg):
         before = fed.server.values.clone()
         one_round(fed)
     # after round 3 each client has replayed rounds 0..1; replaying round 2 gives the server's values
-    last = [p for p in fed.server.history[2]]
+    last = [p for p in fed.server.link.history[2]]
     for client in fed.clients.values():
         assert client.synced_round == 1
         assert torch.equal(aggregate_paths(client.values, fed.params.mask, last), fed.server.values)
@@ -134,7 +134,7 @@ def test_scalars_client_rejoins_after_a_lost_reply_or_a_restart(tiny_cfg, restar
     victim = 1
     one_round(fed)
     one_round(fed, Tamper(InProcessTransport(fed.clients, fed.runtime), victim, lambda r: None))
-    assert fed.server.client_synced[victim] == -1 and 0 in fed.server.history  # history kept from round 0
+    assert fed.server.link.client_synced[victim] == -1 and 0 in fed.server.link.history  # history kept from round 0
     if restart:
         old = fed.clients[victim]
         fed.clients[victim] = Client(victim, old.indices, cfg.run.seed)
@@ -143,8 +143,8 @@ def test_scalars_client_rejoins_after_a_lost_reply_or_a_restart(tiny_cfg, restar
     assert victim in result.accepted and plans[victim].synced_round == -1
     assert sorted({p.round for p in plans[victim].paths}) == [0, 1]
     one_round(fed)  # everyone is in step again: the history since round 0 is dropped
-    assert min(fed.server.history) == 3
-    last = fed.server.history[3]
+    assert min(fed.server.link.history) == 3
+    last = fed.server.link.history[3]
     for client in fed.clients.values():
         assert client.synced_round == 2
         assert torch.equal(aggregate_paths(client.values, fed.params.mask, last), fed.server.values)

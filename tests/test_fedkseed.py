@@ -139,7 +139,7 @@ def test_pool_downlink_bytes_are_K_bounded_and_do_not_grow_with_rounds_missed(ti
                                                pool_coefficients=None)))
     pool_bytes, payload = {}, {}
     for synced in (2, 1, 0, -1):  # 1, 2, 3 and 4 rounds missed
-        server.client_synced[cid] = synced
+        server.link.client_synced[cid] = synced
         plan = server.plan_for(cid, server.round)
         pool_bytes[synced] = len(encode_plan(plan))
         payload[synced] = plan.pool_coefficients.nbytes + (0 if plan.pool_positions is None else
@@ -203,7 +203,7 @@ def test_a_hostile_pool_message_is_rejected_and_the_client_recovers_exactly(tiny
     _, _, result = one_round(fed, Hostile())
     assert result.rejected == {0: "no reply"} and result.accepted == [1, 2, 3]
     assert victim.synced_round == before[0] and torch.equal(victim.pool.accumulator, before[1].accumulator)
-    assert fed.server.client_synced[0] == -1  # it may not have synced: next time it gets every coefficient
+    assert fed.server.link.client_synced[0] == -1  # it may not have synced: next time it gets every coefficient
     start = fed.server.values.clone()
     one_round(fed)
     assert victim.synced_round == fed.server.round - 2 and torch.equal(victim.pool.values(fed.runtime.initial_values),

@@ -1,7 +1,7 @@
 """Builders: turn a Config into the objects everything else takes as plain arguments.
 
-Model, task data, scorer and mask (or LoRA adapters). Used by `meerkat finetune`, the simulator and the
-Flower apps.
+Model, task data, scorer and mask (or LoRA adapters), the partition and the federation (server, clients and the
+client side every Flower node builds identically). Used by `meerkat finetune`, the simulator and the Flower apps.
 """
 
 from __future__ import annotations
@@ -11,15 +11,22 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from meerkat_fl.config import Config, MaskConfig, TaskConfig
 from meerkat_fl.errors import DataError
+from meerkat_fl.fed.client import Client, ClientRuntime
+from meerkat_fl.fed.seedpool import SeedPool
+from meerkat_fl.fed.server import Server
+from meerkat_fl.fed.strategies import make_strategy
 from meerkat_fl.lora import add_lora
 from meerkat_fl.masks import Mask, build_mask, calibration_batches, load_mask, save_mask
 from meerkat_fl.models import LoadedModel, default_cache_dir, load_model
+from meerkat_fl.partition import Partition, make_partition
 from meerkat_fl.tasks import ClassificationData, EncodedData, LabelScorer, encode, get_task
+from meerkat_fl.zo import MaskedParams, wants_noise_cache
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +156,68 @@ def make_mask(mask_cfg: MaskConfig, loaded: LoadedModel) -> Mask:
 
 def build_model(cfg: Config) -> LoadedModel:
     return load_model(cfg.model.source, device=cfg.model.device, dtype=cfg.model.dtype)
+
+
+def partition_for(cfg: Config, labels: np.ndarray) -> Partition:
+    params: dict[str, Any] = {}
+    if cfg.fed.partition == "dirichlet":
+        params = {"alpha": cfg.fed.alpha}
+    elif cfg.fed.partition == "pathological":
+        params = {"labels_per_client": cfg.fed.labels_per_client}
+    elif cfg.fed.partition == "mixture":
+        params = {"num_extreme": cfg.fed.num_extreme, "rest": cfg.fed.mixture_rest, "alpha": cfg.fed.alpha}
+    return make_partition(labels, cfg.fed.partition, cfg.fed.num_clients, cfg.run.seed, **params)
+
+
+@dataclass
+class Federation:
+    """Everything a run needs, built once from a config."""
+
+    cfg: Config
+    data: TaskData
+    partition: Partition
+    params: MaskedParams
+    server: Server
+    clients: dict[int, Client]
+    runtime: ClientRuntime
+
+
+@dataclass
+class ClientSide:
+    """What the clients need (model, data, mask, partition): built identically by the simulator and by
+    every Flower node, which is why both reach the same values."""
+
+    data: TaskData
+    partition: Partition
+    params: MaskedParams
+    clients: dict[int, Client]
+    runtime: ClientRuntime
+
+
+def build_client_side(cfg: Config) -> ClientSide:
+    loaded = build_model(cfg)
+    data = build_task_data(cfg.task, loaded, cfg.run.seed)
+    mask = obtain_trainable(cfg, loaded)
+    params = MaskedParams(loaded.model, mask, cache_noise=wants_noise_cache(cfg.zo.noise_cache, mask))
+    initial = params.gather()
+    partition = partition_for(cfg, data.train_labels)
+    clients = {k: Client(k, idx, cfg.run.seed) for k, idx in enumerate(partition.clients)}
+    runtime = ClientRuntime(params=params, scorer=data.scorer, train=data.train, initial_values=initial)
+    return ClientSide(data, partition, params, clients, runtime)
+
+
+def build_federation(cfg: Config) -> Federation:
+    side = build_client_side(cfg)
+    data, partition, params, clients, runtime = side.data, side.partition, side.params, side.clients, side.runtime
+    mask, initial = params.mask, runtime.initial_values
+    pool = None
+    if cfg.fedkseed.pool_size:
+        pool = SeedPool(cfg.run.seed, cfg.fedkseed.pool_size, mask, initial, sampling=cfg.fedkseed.sampling,
+                        pro_clip=cfg.fedkseed.pro_clip)
+    server = Server(
+        mask, initial.clone(), make_strategy(cfg), client_sizes={k: c.num_examples for k, c in clients.items()},
+        run_seed=cfg.run.seed, local_steps=cfg.fed.local_steps, lr=cfg.zo.lr, eps=cfg.zo.eps,
+        batch_size=cfg.zo.batch_size, weighting=cfg.fed.weighting, downlink=cfg.fed.downlink,
+        sample_fraction=cfg.fed.sample_fraction, sample_count=cfg.fed.sample_count, seed_pool=pool,
+    )
+    return Federation(cfg, data, partition, params, server, clients, runtime)

@@ -65,7 +65,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         ) if v is not None]
         cfg = _config(args, shortcuts)
         out = Path(args.out) if args.out else _default_out("finetune", cfg)
-        summary = finetune(cfg, out, progress=not args.quiet)
+        summary = finetune(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
         print(f"run folder: {out}")
     print(json.dumps(summary, indent=2))
     return 0
@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise SystemExit("meerkat run: give a CONFIG.toml, --method NAME, or --resume DIR")
         cfg = _config(args)
         out = Path(args.out) if args.out else _default_out("run", cfg)
-        summary = simulate(cfg, out, progress=not args.quiet)
+        summary = simulate(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
     print(f"run folder: {out}")
     print(json.dumps(summary, indent=2))
     return 0
@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", help="mask kind when no mask file is given")
     p.add_argument("--steps", type=int), p.add_argument("--lr", type=float)
     p.add_argument("--out"), p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
@@ -276,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, config_positional=True)
     p.add_argument("--out", help="run folder (default runs/<method>-<task>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run to the same result")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 

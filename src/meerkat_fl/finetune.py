@@ -10,23 +10,26 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from meerkat_fl import run as shell
 from meerkat_fl.build import build_model, build_task_data, obtain_trainable
-from meerkat_fl.config import Config
+from meerkat_fl.config import Config, flatten
+from meerkat_fl.fed import checkpoint
 from meerkat_fl.local import DataPointer, local_train, step_seeds
 from meerkat_fl.patch import save_patch
-from meerkat_fl.rundir import RunDir
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
 
 log = logging.getLogger(__name__)
 
 
-def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
+             overwrite: bool = False) -> dict[str, Any]:
     """Train on one machine for ``cfg.train.steps`` ZO steps; write metrics, a patch and a summary.
 
-    Checkpoints at every evaluation; ``resume=True`` continues from the last one.
+    Checkpoints at every evaluation; ``resume=True`` continues from the last one. The run folder follows the
+    run shell's rules (``meerkat_fl.run``), as ``meerkat run``'s does.
     """
     started = time.perf_counter()
-    run = RunDir(out) if resume else RunDir.create(out, cfg)
+    run = shell.open_run(out, cfg, resume=resume, overwrite=overwrite)
     loaded = build_model(cfg)
     data = build_task_data(cfg.task, loaded, cfg.run.seed)
     mask = obtain_trainable(cfg, loaded)
@@ -38,25 +41,27 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
     def batch_loss(indices: np.ndarray) -> float:
         return data.scorer.loss(data.train.batch(indices, device))
 
-    def evaluate() -> float:
-        return data.scorer.accuracy(data.test, batch_size=cfg.task.eval_batch_size)
+    def evaluate() -> dict[str, float]:
+        return {"accuracy": data.scorer.accuracy(data.test, batch_size=cfg.task.eval_batch_size)}
 
-    start, skipped, zero_shot = 0, 0, None
+    start, skipped, resumed = 0, 0, None
     if resume and run.has_checkpoint():
         tensors, state = run.load_checkpoint()
+        checkpoint.check(tensors, state, flatten(cfg), str(run.path))
         values = tensors["values"].to(device)
         params.write(values)
         pointer.load_state(state["pointer"])
-        start, skipped, zero_shot = state["step"], state["skipped"], state["zero_shot_accuracy"]
-        run.truncate_metrics(start, key="step")
-    if zero_shot is None:
-        zero_shot = evaluate() if cfg.run.zero_shot else None
-        run.append_metrics({"step": 0, "eval_accuracy": zero_shot})
+        start = resumed = state["step"]
+        skipped = state["skipped"]
+    zero_shot = shell.begin(run, resumed_round=resumed, evaluate=evaluate if cfg.run.zero_shot else None,
+                            step_key="step")
+    if resumed is None and zero_shot is not None:
+        run.append_metrics({"step": 0, **{f"eval_{k}": v for k, v in zero_shot.items()}})
 
     steps = cfg.train.steps
     seeds = step_seeds(cfg.run.seed, 0, 0, steps)
     every = cfg.train.eval_every or steps
-    accuracy = zero_shot
+    last = zero_shot
     bar = tqdm(total=steps, initial=start, desc="finetune", disable=not progress, unit="step")
     for step in range(start, steps):
         (result,) = local_train(
@@ -65,21 +70,23 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
         )
         skipped += int(result.skipped)
         record: dict[str, Any] = {"step": step + 1, "train_loss": result.loss, "scalar": result.scalar}
-        if (step + 1) % every == 0 or step + 1 == steps:
-            accuracy = record["eval_accuracy"] = evaluate()
-            run.save_checkpoint(
-                {"values": values},
-                {"step": step + 1, "pointer": pointer.state(), "skipped": skipped, "zero_shot_accuracy": zero_shot},
-            )
-        run.append_metrics(record)
+        evaluated = (step + 1) % every == 0 or step + 1 == steps
+        if evaluated:
+            last = evaluate()
+            record.update({f"eval_{k}": v for k, v in last.items()})
+        run.append_metrics(record)  # before the checkpoint: a checkpoint's step always has its line
+        if evaluated:
+            run.save_checkpoint(*checkpoint.pack({"values": values}, {"step": step + 1, "pointer": pointer.state(),
+                                                                      "skipped": skipped}, {}, flatten(cfg), {}))
         bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.4f}", acc=f"{accuracy:.3f}" if accuracy is not None else "-")
+        bar.set_postfix(loss=f"{result.loss:.4f}", **{k: f"{v:.3f}" for k, v in (last or {}).items()})
     bar.close()
     if skipped:
         log.warning("%d of %d steps were skipped because the loss was not finite", skipped, steps)
 
     save_patch(run.patch_path, mask, values, {"task": cfg.task.name, "steps": str(steps)})
-    losses = [r["train_loss"] for r in run.read_metrics() if r.get("train_loss") is not None]
+    rows = run.read_metrics()
+    losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
     summary = {
         "method": "mezo" if mask.kind == "dense" else f"mezo_{mask.kind}",
         "task": cfg.task.name,
@@ -87,8 +94,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
         "density": float(mask.meta.get("density", 1.0)),
         "trainable_values": mask.size,
         "steps": steps,
-        "zero_shot_accuracy": zero_shot,
-        "final_eval_accuracy": accuracy,
+        **shell.summary_metrics(zero_shot, shell.final_metrics(rows, zero_shot)),
         "first_train_loss": float(np.mean(losses[:10])) if losses else None,
         "last_train_loss": float(np.mean(losses[-10:])) if losses else None,
         "skipped_steps": skipped,

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from meerkat_fl.config import Config, to_toml
-from meerkat_fl.errors import ConfigError
+from meerkat_fl.errors import ConfigError, DataError
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -72,12 +72,25 @@ class RunDir:
         path = self.path / name
         if not path.exists():
             return []
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): the file is damaged") from None
+        lines = text.split("\n")
         rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: everything after it is dropped too
-                break
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # the unfinished last line of a kill mid-write: not a round that happened
+                    break
+                raise DataError(f"{path}:{number}: not a JSON metrics line; the file is damaged (resume repairs "
+                                "only an unfinished last line)") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{number}: a metrics line must be a JSON object")
+            rows.append(row)
         return rows
 
     def truncate_metrics(self, last_round: int, key: str = "round", name: str = "metrics.jsonl") -> None:

@@ -17,6 +17,7 @@ import torch
 
 from meerkat_fl.errors import MessageRejected
 from meerkat_fl.fed.aggregate import aggregate_paths, normalised_weights
+from meerkat_fl.fed.downlink import server_downlink
 from meerkat_fl.fed.messages import (
     ClientPath,
     ClientUpdate,
@@ -98,11 +99,8 @@ class Server:
         self.weighting, self.downlink = weighting, downlink
         self.sample_fraction, self.sample_count, self.max_abs_scalar = sample_fraction, sample_count, max_abs_scalar
         self.seed_pool = seed_pool
-        if downlink == "pool" and seed_pool is None:
-            raise ValueError('the "pool" downlink needs a seed pool')
+        self.link = server_downlink(downlink, client_sizes, seed_pool)
         self.round = 0
-        self.client_synced = {k: -1 for k in client_sizes}  # "scalars"/"pool" downlink: last round each client holds
-        self.history: dict[int, list[ClientPath]] = {}
         self.rejected_total = 0
 
     def sample(self, round_index: int) -> list[int]:
@@ -126,14 +124,7 @@ class Server:
         common = {"round": round_index, "client_id": client_id, "seeds": seeds,
                   "lr": told.lr, "eps": self.eps, "batch_size": self.batch_size,
                   "pool_size": 0 if self.seed_pool is None else self.seed_pool.size}
-        if self.downlink == "values":
-            return RoundPlan(**common, values=self.values.detach().cpu().numpy())
-        synced = self.client_synced[client_id]
-        if self.downlink == "pool":
-            positions, coefficients = self.seed_pool.catch_up(synced)
-            return RoundPlan(**common, synced_round=synced, pool_positions=positions, pool_coefficients=coefficients)
-        paths = tuple(p for r in range(synced + 1, round_index) for p in self.history.get(r, []))
-        return RoundPlan(**common, paths=paths, synced_round=synced)
+        return RoundPlan(**common, **self.link.plan_fields(client_id, round_index, self.values))
 
     def instructions(self) -> ClientInstructions:
         """The run's base instructions (lr, T) that a strategy personalises."""
@@ -181,17 +172,7 @@ class Server:
         outcome = self.strategy.aggregate(self.round, self.values, self.mask, paths, updates, combine)
         self.values = outcome.values
         metrics = {**outcome.metrics, **pool_metrics}
-        if self.downlink == "scalars":
-            self.history[self.round] = paths
-            for cid in plans:  # a client that did not answer may have lost its state (a restarted node): it
-                # replays from the initial values next time, so the history since round 0 is kept for it
-                self.client_synced[cid] = self.round - 1 if replies.get(cid) is not None else -1
-            oldest = min(self.client_synced.values())
-            self.history = {r: p for r, p in self.history.items() if r > oldest}
-        elif self.downlink == "pool":
-            # a client that did not answer may not have synced: it gets every coefficient next time (<= K)
-            for cid in plans:
-                self.client_synced[cid] = self.round - 1 if replies.get(cid) is not None else -1
+        self.link.record_round(self.round, plans, {cid for cid in plans if replies.get(cid) is not None}, paths)
         self.rejected_total += len(rejected)
         result = RoundResult(
             self.round, sorted(updates), rejected, paths, updates,
@@ -205,13 +186,9 @@ class Server:
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, JSON state) for a checkpoint."""
-        history = {
-            str(r): [[p.client_id, p.weight, p.lr, p.seeds.tolist(), p.scalars.tolist()] for p in paths]
-            for r, paths in self.history.items()
-        }
         strategy_tensors, strategy_state = self.strategy.state_dict()
-        state = {"round": self.round, "client_synced": {str(k): v for k, v in self.client_synced.items()},
-                 "history": history, "rejected_total": self.rejected_total, "strategy": strategy_state}
+        state = {"round": self.round, "downlink": self.link.state_dict(), "rejected_total": self.rejected_total,
+                 "strategy": strategy_state}
         tensors = {"server.values": self.values, **{f"strategy.{k}": v for k, v in strategy_tensors.items()}}
         if self.seed_pool is not None:
             tensors.update(self.seed_pool.state_tensors())
@@ -220,12 +197,7 @@ class Server:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         self.values = tensors["server.values"].to(self.values.device)
         self.round = state["round"]
-        self.client_synced = {int(k): v for k, v in state["client_synced"].items()}
-        self.history = {
-            int(r): [ClientPath(int(r), cid, w, lr, np.asarray(s, dtype=np.int64), np.asarray(g, dtype=np.float32))
-                     for cid, w, lr, s, g in paths]
-            for r, paths in state["history"].items()
-        }
+        self.link.load_state_dict(state["downlink"])
         self.rejected_total = state["rejected_total"]
         prefix = "strategy."
         self.strategy.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},

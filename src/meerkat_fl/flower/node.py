@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from meerkat_fl.errors import ConfigError, MeerkatError
 
 log = logging.getLogger(__name__)
@@ -79,6 +77,7 @@ def node_config(run_config_json: str, overrides: tuple[str, ...] | list[str]):
 
 
 def empty_state() -> dict[str, Any]:
+    """A client's state before its first round, as ``ClientState.to_record`` writes it."""
     return {"epoch": 0, "position": 0, "synced_round": -1, "values": b"", "pool": b""}
 
 
@@ -118,27 +117,17 @@ class NodeRuntime:
 
 
 def fit_one(side, client_id: int, plan_blob: bytes, state: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
+    """Restore a hosted client from its state record (``fed/state.py``'s codec), fit, return the new record."""
     from meerkat_fl.fed.messages import decode_plan, encode_update
-    from meerkat_fl.fed.seedpool import PoolModel
+    from meerkat_fl.fed.state import ClientState
 
     client = side.clients.get(client_id)
     if client is None:
         return {"update": None, "state": state, "error": f"this node has no client {client_id}"}
-    values = None
-    if state["values"]:
-        values = torch.from_numpy(np.frombuffer(state["values"], dtype="<f4").copy()).to(side.params.device)
     try:
-        pool = PoolModel.from_bytes(state["pool"], side.params.size, side.params.device) if state.get("pool") else None
-        client.load_state_dict({"pointer": {"epoch": state["epoch"], "position": state["position"]},
-                                "synced_round": state["synced_round"]}, values, pool)
+        client.load_state(ClientState.from_record(state, side.params.size, side.params.device))
         update = client.fit(decode_plan(plan_blob), side.runtime)
     except MeerkatError as exc:  # dropped for the round by the server, as in the in-process transport
         log.warning("client %d failed: %s", client_id, exc)
         return {"update": None, "state": state, "error": str(exc)}
-    pointer = client.pointer.state()
-    new_state = {"epoch": pointer["epoch"], "position": pointer["position"], "synced_round": client.synced_round,
-                 "values": b"" if client.values is None else client.values.detach().cpu().numpy().astype("<f4").tobytes(),
-                 "pool": b"" if client.pool is None else client.pool.to_bytes()}
-    return {"update": encode_update(update), "state": new_state, "error": ""}
+    return {"update": encode_update(update), "state": client.state().to_record(), "error": ""}

@@ -55,16 +55,13 @@ def read_updates(content: RecordDict, expected: list[int]) -> dict[int, bytes | 
 
 
 def client_state_record(state: dict) -> ConfigRecord:
-    return ConfigRecord({"epoch": int(state["epoch"]), "position": int(state["position"]),
-                         "synced-round": int(state["synced_round"]), "values": bytes(state["values"]),
-                         "pool": bytes(state.get("pool", b""))})
+    """A hosted client's state record (``ClientState.to_record``: ints and bytes) as Flower keeps it."""
+    return ConfigRecord({key: value for key, value in state.items()})
 
 
 def read_client_state(record: ConfigRecord) -> dict:
-    """A hosted client's state; ``pool`` (FedKSeed's coefficients and accumulator) is empty without a pool."""
-    return {"epoch": int(record["epoch"]), "position": int(record["position"]),
-            "synced_round": int(record["synced-round"]), "values": bytes(record["values"]),
-            "pool": bytes(record["pool"]) if "pool" in record else b""}
+    """The state record back (``ClientState.from_record`` validates it when the client is restored)."""
+    return dict(record.items())
 
 
 def wire_bytes(content: RecordDict) -> int:

@@ -1,0 +1,102 @@
+"""A federation's checkpoint: the server's state, every client's ``ClientState`` (through its one codec), and
+what makes a resume honest: the resolved config it was written under and a checksum of its tensors.
+
+Clients synced to the same round hold identical models, so each distinct state blob is stored once (keyed by
+its hash). ``load`` refuses a checkpoint whose tensors do not match their checksum (a flipped byte) and one
+written under another config (naming the keys that differ; ``fed.rounds`` may be raised to extend a run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from meerkat_fl.errors import ConfigError, MessageRejected
+from meerkat_fl.fed.state import RECORD_BLOBS, RECORD_INTS, ClientState
+
+FORMAT = 2  # 1: before the ClientState codec (per-round tensors, no checksum)
+EXTENDABLE = ("fed.rounds", "train.steps")  # keys a resume may raise on purpose, to extend a run
+
+
+def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def pack_clients(states: Mapping[int, ClientState]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(blob tensors, JSON) for every client's state; identical blobs are stored once."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {}
+    for cid, state in states.items():
+        record = state.to_record()
+        entry: dict[str, Any] = {key: record[key] for key in RECORD_INTS}
+        for key in RECORD_BLOBS:
+            blob = record[key]
+            if not blob:
+                continue
+            name = f"client.blob.{hashlib.sha256(blob).hexdigest()[:24]}"
+            if name not in tensors:
+                tensors[name] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+            entry[key] = name
+        plain[str(cid)] = entry
+    return tensors, plain
+
+
+def unpack_clients(tensors: Mapping[str, torch.Tensor], plain: Mapping[str, Any], mask_size: int,
+                   device: torch.device | str) -> dict[int, ClientState]:
+    states = {}
+    for cid, entry in plain.items():
+        record: dict[str, Any] = {key: entry[key] for key in RECORD_INTS}
+        for key in RECORD_BLOBS:
+            record[key] = tensors[entry[key]].numpy().tobytes() if key in entry else b""
+        try:
+            states[int(cid)] = ClientState.from_record(record, mask_size, device)
+        except MessageRejected as exc:
+            raise ConfigError(f"checkpoint: client {cid}: {exc}") from None
+    return states
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two flattened configs (``EXTENDABLE`` keys excluded)."""
+    keys = sorted(set(saved) | set(current))
+    return [k for k in keys if k not in EXTENDABLE and _plain(saved.get(k)) != _plain(current.get(k))]
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def pack(server_tensors: dict[str, torch.Tensor], server_state: dict[str, Any], clients: Mapping[int, ClientState],
+         flat_config: Mapping[str, Any], extra: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything a federation checkpoint holds, with its checksum and config."""
+    client_tensors, client_plain = pack_clients(clients)
+    tensors = {**server_tensors, **client_tensors}
+    state = {**server_state, "clients": client_plain, "format": FORMAT, "config": {k: _plain(v) for k, v in flat_config.items()},
+             "tensors_sha256": tensors_checksum(tensors), **extra}
+    return tensors, state
+
+
+def check(tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], flat_config: Mapping[str, Any], where: str) -> None:
+    """Refuse a checkpoint of another format, with damaged tensors, or written under another config."""
+    if state.get("format") != FORMAT:
+        raise ConfigError(f"{where}: checkpoint format {state.get('format', 1)}, this version reads {FORMAT}: "
+                          "resume it with the meerkat-fl version that wrote it, or start the run again")
+    if tensors_checksum(tensors) != state.get("tensors_sha256"):
+        raise ConfigError(f"{where}: the checkpoint's tensors do not match their checksum (the file is damaged)")
+    differ = config_differences(state.get("config", {}), flat_config)
+    if differ:
+        shown = ", ".join(f"{k} ({state['config'].get(k)!r} -> {_plain(flat_config.get(k))!r})" for k in differ[:6])
+        raise ConfigError(f"{where}: the config changed since the checkpoint was written: {shown}"
+                          f"{' ...' if len(differ) > 6 else ''}; only fed.rounds and train.steps may change on resume")
+
+
+def client_states_from(clients: Mapping[int, Any]) -> dict[int, ClientState]:
+    return {cid: client.state() for cid, client in clients.items()}

@@ -1,0 +1,90 @@
+"""The one run shell, shared by ``meerkat run`` (the simulator and Flower) and ``meerkat finetune``.
+
+It owns what a run folder promises (it never reports what did not happen):
+- a new run goes into a new or empty folder; a folder that already holds a run is refused unless the caller
+  resumes it or asks to overwrite it (then the old run's files are removed first);
+- a resume without a checkpoint starts clean (no metric lines of the lost rounds stay behind), and one with a
+  checkpoint keeps exactly the metric lines up to the checkpoint's round;
+- the zero-shot evaluation is written once and read back on resume;
+- the final metrics of a summary are the last evaluation recorded in metrics.jsonl, so resuming a finished run
+  reports what it reached, not its zero-shot.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from meerkat_fl.config import Config
+from meerkat_fl.errors import ConfigError
+from meerkat_fl.rundir import CHECKPOINT, RunDir
+
+ZERO_SHOT = "zero_shot.json"
+EVAL_PREFIX = "eval_"
+# What a run leaves in its folder: refused as the target of a new run unless overwritten.
+RUN_FILES = ("config.toml", "metrics.jsonl", CHECKPOINT, "summary.json", ZERO_SHOT, "patch.safetensors",
+             "gradip.jsonl", "partition.json", "partition.txt", "environment.json")
+
+
+def open_run(out: str | Path, cfg: Config, *, resume: bool, overwrite: bool = False) -> RunDir:
+    """The run folder to write: an existing run to resume, or a fresh one (``overwrite`` clears an old run)."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run folder {path} is a file, not a folder")
+    if resume:
+        if not (path / "config.toml").is_file():
+            raise ConfigError(f"--resume {path}: not a run folder (no config.toml)")
+        return RunDir(path)
+    found = [name for name in RUN_FILES if (path / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(f"{path} already holds a run ({', '.join(found[:3])}): resume it with --resume {path}, "
+                          f"choose another --out, or pass --overwrite")
+    for name in found:
+        target = path / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    try:
+        return RunDir.create(path, cfg)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run folder {path}: {exc.strerror or exc}") from None
+
+
+def begin(run: RunDir, *, resumed_round: int | None, evaluate: Callable[[], dict[str, float]] | None,
+          step_key: str = "round", logs: tuple[str, ...] = ("metrics.jsonl",)) -> dict[str, float] | None:
+    """Align the logs with the checkpoint and return the zero-shot metrics (evaluated once, then read back).
+
+    ``resumed_round``: the round (or step) the loaded checkpoint holds; None when starting from scratch, which
+    also drops metric lines a lost earlier attempt left. ``evaluate`` None: no zero-shot evaluation.
+    """
+    for name in logs:
+        run.truncate_metrics(-1 if resumed_round is None else resumed_round, key=step_key, name=name)
+    if resumed_round is not None:  # never re-evaluate: the model now holds trained values
+        return _metrics(run.read_json(ZERO_SHOT), "zero_shot_") if (run.path / ZERO_SHOT).exists() else None
+    zero_shot = evaluate() if evaluate is not None else None
+    run.write_json(ZERO_SHOT, {f"zero_shot_{k}": v for k, v in (zero_shot or {}).items()})
+    return zero_shot
+
+
+def final_metrics(rows: list[dict[str, Any]], zero_shot: Mapping[str, float] | None) -> dict[str, float] | None:
+    """The last evaluation in the metric lines (the zero-shot when no round was evaluated)."""
+    for row in reversed(rows):
+        found = _metrics(row, EVAL_PREFIX)
+        if found:
+            return found
+    return dict(zero_shot) if zero_shot else None
+
+
+def summary_metrics(zero_shot: Mapping[str, float] | None, final: Mapping[str, float] | None) -> dict[str, Any]:
+    """``zero_shot_<name>`` and ``final_eval_<name>`` keys of a summary (None when not evaluated)."""
+    names = sorted(set(zero_shot or {}) | set(final or {})) or ["accuracy"]
+    out: dict[str, Any] = {}
+    for name in names:
+        out[f"zero_shot_{name}"] = (zero_shot or {}).get(name)
+        out[f"final_{EVAL_PREFIX}{name}"] = (final or {}).get(name)
+    return out
+
+
+def _metrics(row: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix) and isinstance(v, (int, float))
+            and not isinstance(v, bool)}
