@@ -56,3 +56,23 @@ def test_environment_fills_data_dir_only_at_the_boundary(tmp_path):
     assert cfg.task.data_dir == str(tmp_path)
     assert cfg.mask.calibration.endswith("wikitext-2")
     assert config.Config().task.data_dir is None
+
+
+def test_one_override_grammar_for_set_flower_run_config_and_node_config():
+    pytest.importorskip("flwr", reason="needs the [flower] extra")
+    from meerkat_fl.flower.node import NodeSettings
+    from meerkat_fl.flower.server_app import config_from_run_config
+
+    cfg = config_from_run_config({
+        "meerkat-config": "[fed]\nrounds = 7\n", "fed.local_steps": 3, "lora.targets": '["q_proj", "k_proj"]',
+        "method": "lora_fedzo", "set": """zo.lr=1e-3 'task.name="ag_news"'""", "out": "runs/x",
+    })
+    assert (cfg.fed.rounds, cfg.fed.local_steps, cfg.zo.lr, cfg.task.name) == (7, 3, 1e-3, "ag_news")
+    assert cfg.lora.targets == ("q_proj", "k_proj") and cfg.mask.kind == "lora"
+    same = config.load(None, ["fed.rounds=7", "fed.local_steps=3", "method=lora_fedzo", "zo.lr=1e-3",
+                              "task.name=ag_news", 'lora.targets=["q_proj", "k_proj"]'])
+    assert cfg == same
+    node = NodeSettings.from_node_config({"partition-id": 0, "task.data_dir": "/data", "model-source": "tiny"})
+    assert set(node.overrides) == {'task.data_dir="/data"', 'model.source="tiny"'}
+    with pytest.raises(ConfigError, match="a node may set only"):
+        NodeSettings.from_node_config({"partition-id": 0, "zo.lr": 1.0})

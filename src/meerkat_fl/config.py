@@ -309,6 +309,26 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def is_config_key(key: str) -> bool:
+    """Whether ``key`` names a setting (``section.key`` or a top-level key): how Flower's run-config and
+    node-config keys are told apart from their own ones."""
+    if key in TOP_LEVEL:
+        return True
+    section, _, name = key.partition(".")
+    return section in _sections() and name in _section_hints(getattr(Config(), section))
+
+
+def parse_override_list(text: str) -> list[str]:
+    """Whitespace-separated ``key=value`` items with shell quoting, so a TOML list survives:
+    ``fed.rounds=5 'lora.targets=["q_proj", "v_proj"]'``."""
+    import shlex
+
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"overrides {text!r}: {exc}") from None
+
+
 def apply_overrides(cfg: Config, overrides: Iterable[str] | Mapping[str, Any]) -> Config:
     """Apply dotted ``section.key=value`` overrides (strings, or a mapping of dotted keys to values)."""
     items = overrides.items() if isinstance(overrides, Mapping) else (parse_override(o) for o in overrides)

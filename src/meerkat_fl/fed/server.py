@@ -37,13 +37,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class RoundResult:
     round: int
-    accepted: list[int]
     rejected: dict[int, str]
     paths: list[ClientPath]
     updates: dict[int, ClientUpdate]
     bytes_down: dict[int, int]
     bytes_up: dict[int, int]
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> list[int]:
+        """The clients whose replies were accepted, in id order."""
+        return sorted(self.updates)
 
     @property
     def train_loss(self) -> float | None:
@@ -175,7 +179,7 @@ class Server:
         self.link.record_round(self.round, plans, {cid for cid in plans if replies.get(cid) is not None}, paths)
         self.rejected_total += len(rejected)
         result = RoundResult(
-            self.round, sorted(updates), rejected, paths, updates,
+            self.round, rejected, paths, updates,
             bytes_down={cid: encoded.size(cid) if isinstance(encoded, EncodedPlans) else len(encoded[cid])
                         for cid in plans},
             bytes_up={cid: len(replies[cid]) for cid in plans if replies.get(cid) is not None},

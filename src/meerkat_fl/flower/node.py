@@ -18,8 +18,10 @@ from meerkat_fl.errors import ConfigError, MeerkatError
 
 log = logging.getLogger(__name__)
 
-# --node-config keys a SuperNode may set, and the config key each one overrides: the base model and the data
-# come from the node, never from the app bundle.
+# The settings a SuperNode may set in its --node-config, by their dotted keys (the one override grammar): the
+# base model, the data and the device come from the node, never from the app bundle; a node cannot change how
+# the federation trains. The dashed names are the older aliases, still read.
+NODE_KEYS = ("task.data_dir", "model.source", "mask.path", "model.device")
 NODE_OVERRIDES = {
     "data-dir": "task.data_dir",
     "model-source": "model.source",
@@ -44,8 +46,14 @@ class NodeSettings:
             raise ConfigError(f"node config has no {PARTITION_ID!r}: start the SuperNode with "
                               f"--node-config 'partition-id=I num-partitions=N'")
         num = node_config.get(NUM_PARTITIONS)
-        overrides = tuple(f"{key}={json.dumps(str(node_config[name]))}"
-                          for name, key in sorted(NODE_OVERRIDES.items()) if node_config.get(name) not in (None, ""))
+        settings = {key: node_config[alias] for alias, key in NODE_OVERRIDES.items()
+                    if node_config.get(alias) not in (None, "")}
+        for key, value in node_config.items():
+            if "." in key and key not in NODE_KEYS:
+                raise ConfigError(f"node config key {key!r}: a node may set only {', '.join(NODE_KEYS)}")
+            if key in NODE_KEYS and value not in (None, ""):
+                settings[key] = value
+        overrides = tuple(f"{key}={json.dumps(str(value))}" for key, value in sorted(settings.items()))
         socket = node_config.get(WORKER_SOCKET) or None
         return cls(int(node_config[PARTITION_ID]), None if num is None else int(num), overrides,
                    None if socket is None else str(socket))

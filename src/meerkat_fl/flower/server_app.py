@@ -3,8 +3,11 @@
 The server object, its validation of replies, the run folder and the patch are exactly those of
 ``meerkat run``; only ``GridTransport`` is Flower-specific. Run config keys (``[tool.flwr.app.config]``):
 
-- ``meerkat-config``: the Meerkat config as TOML text ("" = defaults); ``set``: space-separated dotted
-  overrides (``"fed.rounds=5 zo.lr=1e-3"``), through the same validator as ``meerkat run --set``;
+- ``meerkat-config``: the Meerkat config as TOML text ("" = defaults);
+- any setting by its dotted key, exactly as ``meerkat run --set`` takes it (``fed.rounds = 5``,
+  ``method = "fedkseed"``; a list as its TOML text, ``"lora.targets" = '["q_proj", "v_proj"]'``, since Flower's
+  config values cannot be lists); ``set``: the same overrides in one string, shell-quoted
+  (``"fed.rounds=5 'lora.targets=[\"q_proj\", \"v_proj\"]'"``); all through the one validator;
 - ``out``: run folder on the SuperLink's machine ("" = runs/flower-<method>-<task>-<time>);
 - ``round-timeout``: seconds to wait for a round's replies (a node that has not answered is dropped for
   the round); ``node-wait``: seconds to wait at start for nodes hosting every client.
@@ -60,7 +63,9 @@ def config_from_run_config(run_config: dict) -> Config:
         cfg = config.from_dict(tomllib.loads(text)) if text.strip() else Config()
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"run config 'meerkat-config' is not valid TOML: {exc}") from None
-    overrides = str(run_config.get("set") or "").split()
+    dotted = {key: value for key, value in run_config.items() if config.is_config_key(key)}
+    cfg = config.apply_overrides(cfg, dotted)
+    overrides = config.parse_override_list(str(run_config.get("set") or ""))
     return config.validate(config.apply_overrides(cfg, overrides))
 
 
