@@ -116,8 +116,9 @@ class FedConfig:
     mixture_rest: str = "dirichlet"  # mixture: how the other clients split the rest
     weighting: str = "data_size"  # data_size | uniform (p_k)
     # values (new masked values) | scalars (every client's seed/scalar list) | pool (the seed pool's changed
-    # coefficients: at most fedkseed.pool_size numbers; needs a pool)
-    downlink: str = "values"
+    # coefficients: at most fedkseed.pool_size numbers; needs a pool); None: the method's default (values, or
+    # pool for FedKSeed), set by validate
+    downlink: str | None = None
 
 
 @dataclass

@@ -109,8 +109,8 @@ def resolve(flat: Mapping[str, Any], defaults: Mapping[str, Any], name: str | No
     ``defaults`` is the flattened default config: a key still at its default counts as not set by the user.
     An inferred method (``name`` None: an old-style config) changes nothing: its flags keep their meaning.
     """
-    if name is None:
-        return infer(flat), {}
+    if name is None:  # fed.downlink unset: "values", as before methods were objects
+        return infer(flat), {} if flat["fed.downlink"] is not None else {"fed.downlink": "values"}
     method = get_method(name)
     updates: dict[str, Any] = {}
     for key, value in method.fixed.items():
@@ -127,7 +127,7 @@ def resolve(flat: Mapping[str, Any], defaults: Mapping[str, Any], name: str | No
         if flat[key] == defaults[key]:
             updates[key] = value
     downlink = flat["fed.downlink"]
-    if downlink == defaults["fed.downlink"]:
+    if downlink is None:
         updates["fed.downlink"] = method.downlinks[0]
     elif downlink not in method.downlinks:
         raise ConfigError(f"method {name!r} supports fed.downlink in {list(method.downlinks)}, got {downlink!r}")
