@@ -485,7 +485,8 @@ def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Confi
 def resolve_environment(cfg: Config, environ: Mapping[str, str] | None = None) -> Config:
     """Fill settings whose default comes from the environment (the only place env is read).
 
-    task.data_dir ← $MEERKAT_DATA_DIR; mask.calibration ← <data_dir>/calibration/wikitext-2.
+    task.data_dir ← $MEERKAT_DATA_DIR; mask.calibration ← <data_dir>/calibration/wikitext-2, else the
+    WikiText-2 excerpt shipped in meerkat_fl/data.
     """
     environ = os.environ if environ is None else environ
     cfg = copy_config(cfg)
@@ -495,6 +496,10 @@ def resolve_environment(cfg: Config, environ: Mapping[str, str] | None = None) -
         candidate = Path(cfg.task.data_dir) / "calibration" / "wikitext-2"
         if candidate.exists():
             cfg.mask.calibration = str(candidate)
+    if cfg.mask.calibration is None:  # the WikiText-2 excerpt shipped with the package (meerkat_fl/data)
+        from meerkat_fl.data import BUNDLED_CALIBRATION
+
+        cfg.mask.calibration = str(BUNDLED_CALIBRATION)
     return cfg
 
 

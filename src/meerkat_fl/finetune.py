@@ -100,5 +100,5 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
         "skipped_steps": skipped,
         "wall_seconds": time.perf_counter() - started,
     }
-    run.write_json("summary.json", summary)
+    run.write_summary(summary, cfg.model.device, cfg.model.dtype)
     return summary

@@ -17,9 +17,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from meerkat_fl.config import Config, to_toml
+from meerkat_fl.environment import environment
 from meerkat_fl.errors import ConfigError, DataError
 
 CHECKPOINT = "checkpoint.safetensors"
+ENVIRONMENT = "environment.json"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -53,7 +55,19 @@ class RunDir:
         run = cls(path)
         run.path.mkdir(parents=True, exist_ok=True)
         _atomic_write(run.path / "config.toml", to_toml(cfg).encode())
+        run.record_environment(cfg.model.device, cfg.model.dtype)
         return run
+
+    def record_environment(self, device: str, dtype: str) -> dict[str, Any]:
+        """Write environment.json (versions, device, dtype, threads) and return the record."""
+        record = environment(device, dtype)
+        self.write_json(ENVIRONMENT, record)
+        return record
+
+    def write_summary(self, summary: dict[str, Any], device: str, dtype: str) -> None:
+        """summary.json: `summary` plus the environment of the process finishing the run (a resumed run may
+        finish elsewhere than it started, so environment.json is rewritten too)."""
+        self.write_json("summary.json", {**summary, "environment": self.record_environment(device, dtype)})
 
     @property
     def config_path(self) -> Path:

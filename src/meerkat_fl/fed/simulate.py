@@ -121,5 +121,5 @@ def simulate(
         "rejected_replies": fed.server.rejected_total,
         "wall_seconds": wall_before + time.perf_counter() - started,
     }
-    run.write_json("summary.json", summary)
+    run.write_summary(summary, cfg.model.device, cfg.model.dtype)
     return summary

@@ -52,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     stop_after = int(run_config.get("stop-after", 0)) or None  # end after this many rounds (resume later)
     summary = simulate(cfg, out, transport=transport, progress=False, resume=resume, stop_after=stop_after)
     summary.update(transport.summary())
-    RunDir(out).write_json("summary.json", summary)
+    RunDir(out).write_summary(summary, cfg.model.device, cfg.model.dtype)
     log.info("run folder: %s", Path(out).resolve())
 
 

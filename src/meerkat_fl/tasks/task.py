@@ -1,13 +1,14 @@
 """A classification task: prompt template, verbalizer, and where each split's data can be found.
 
 Data for a split is looked up in this order: an explicit file `path`, the task's file under
-`data_dir` (a directory laid out like shared/data), the Hugging Face hub (only if `datasets` is
-installed and reachable). If none works, DataError says which of the three the user can provide.
+`data_dir` (a directory laid out like shared/data), the same file in the data shipped with the package
+(meerkat_fl/data: the demo's subset), the Hugging Face hub (when reachable). If none works, DataError says which of the three the user can provide.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,11 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from meerkat_fl.data import BUNDLED_DATA_DIR
 from meerkat_fl.errors import ConfigError, DataError
 from meerkat_fl.tasks.base import ClassificationData
 from meerkat_fl.tasks.hub import read_hub
 from meerkat_fl.tasks.loaders import Examples, label_decoder, read_examples
 from meerkat_fl.tasks.sources import FileSource, SplitSource
+
+logger = logging.getLogger(__name__)
 
 # [choice] Tasks with only one complete labelled file (SuperGLUE val, MR, CR, Subj) are split 70/30,
 # stratified by label, into train/test by a seeded hash of the row number (holdout_indices);
@@ -130,13 +134,18 @@ class Task:
         if source is None:
             raise ConfigError(f"task {self.name!r} has no split {split!r}; known splits: {self.splits}")
         tried: list[str] = []
-        if data_dir is not None:
-            if source.file is None:
-                tried.append(f"no local file is known for {self.name!r} split {split!r}")
-            else:
-                file_path = Path(data_dir) / source.file.relpath
-                if file_path.is_file():
-                    return self._prompts(self._read_file(source.file, file_path))
+        if data_dir is not None and source.file is None:
+            tried.append(f"no local file is known for {self.name!r} split {split!r}")
+        # the user's data_dir first, then the data shipped in the package (the demo's subset), then the hub
+        for directory in (data_dir, BUNDLED_DATA_DIR) if source.file is not None else ():
+            if directory is None:
+                continue
+            file_path = Path(directory) / source.file.relpath
+            if file_path.is_file():
+                if directory is BUNDLED_DATA_DIR:
+                    logger.info("task %s split %s: the subset shipped with meerkat-fl, %s", self.name, split, file_path)
+                return self._prompts(self._read_file(source.file, file_path))
+            if directory is data_dir:
                 tried.append(f"{file_path} does not exist")
         if source.hub is not None:
             hub = source.hub
