@@ -61,11 +61,11 @@ def hold_out(data: ClassificationData, size: int) -> tuple[ClassificationData, C
 
 def build_task_data(task_cfg: TaskConfig, loaded: LoadedModel, seed: int) -> TaskData:
     task = get_task(task_cfg.name)
-    train = task.load("train", path=task_cfg.train_path, data_dir=task_cfg.data_dir)
+    train = task.load("train", path=task_cfg.train_path, data_dir=task_cfg.data_dir, hub=task_cfg.hub)
     if task_cfg.eval_split == "validation":
         train, test = hold_out(train, task_cfg.validation_size)
     else:
-        test = task.load("test", path=task_cfg.test_path, data_dir=task_cfg.data_dir)
+        test = task.load("test", path=task_cfg.test_path, data_dir=task_cfg.data_dir, hub=task_cfg.hub)
     train = subsample(train, task_cfg.train_size, seed)
     test = subsample(test, task_cfg.eval_size, seed + 1)
     if len(train) == 0 or len(test) == 0:

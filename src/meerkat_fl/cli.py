@@ -26,7 +26,8 @@ def _default_out(kind: str, cfg) -> Path:
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = method_name(cfg) if kind == "run" else kind
-    return Path("runs") / f"{name}-{cfg.task.name}-{stamp}"
+    task = cfg.task.name.replace("/", "_").replace(":", "_")  # a hub id names a task too
+    return Path("runs") / f"{name}-{task}-{stamp}"
 
 
 def cmd_mask(args: argparse.Namespace) -> int:
@@ -155,7 +156,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
         ("fed.alpha", args.alpha), ("fed.num_extreme", args.extreme), ("fed.labels_per_client", args.labels_per_client),
         ("run.seed", args.seed)) if v is not None])
     task = get_task(cfg.task.name)
-    data = task.load("train", path=cfg.task.train_path, data_dir=cfg.task.data_dir)
+    data = task.load("train", path=cfg.task.train_path, data_dir=cfg.task.data_dir, hub=cfg.task.hub)
     from meerkat_fl.build import subsample
 
     data = subsample(data, cfg.task.train_size, cfg.run.seed)

@@ -42,6 +42,8 @@ class TaskConfig:
     data_dir: str | None = None  # a folder laid out like shared/data; default: $MEERKAT_DATA_DIR
     train_path: str | None = None  # explicit local file for the training split (CSV/TSV/JSONL)
     test_path: str | None = None  # explicit local file for the evaluation split
+    # (paths: .csv/.tsv/.jsonl/.json, optionally .gz, or a `datasets` save_to_disk folder)
+    hub: str | None = None  # Hugging Face dataset ("org/name" or "org/name:config") instead of the task's own
     max_length: int = 64  # tokens per example (prompt truncated from the left)
     train_size: int | None = None  # seeded subsample of the training split; None = all
     eval_size: int | None = 500  # seeded subsample of the evaluation split; None = all

@@ -1,4 +1,4 @@
-"""Readers for labelled text files: .csv/.tsv/.jsonl (optionally .gz) and `<label> <text>` lines.
+"""Readers for labelled text files: .csv/.tsv/.jsonl/.json (optionally .gz) and `<label> <text>` lines.
 
 Every reader returns `Examples`: the named text fields of each row and an int64 label array. Malformed
 input raises DataError naming the file, the line and, where it applies, the column.
@@ -23,7 +23,7 @@ from meerkat_fl.tasks.base import ClassificationData
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("csv", "tsv", "jsonl", "lines")
+FORMATS = ("csv", "tsv", "jsonl", "json", "lines")
 LabelDecoder = Callable[[Any], int]
 
 
@@ -85,13 +85,13 @@ def label_decoder(
 
 
 def file_format(path: Path) -> str:
-    """Format of a file from its suffix (.gz ignored): csv, tsv or jsonl."""
+    """Format of a file from its suffix (.gz ignored): csv, tsv, jsonl or json (a JSON array or JSON lines)."""
     suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
-    kind = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl"}.get(
+    kind = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json"}.get(
         suffixes[-1] if suffixes else ""
     )
     if kind is None:
-        raise DataError(f"{path}: unknown file type; expected .csv, .tsv or .jsonl (optionally .gz)")
+        raise DataError(f"{path}: unknown file type; expected .csv, .tsv, .jsonl or .json (optionally .gz)")
     return kind
 
 
@@ -105,9 +105,29 @@ def _open(path: Path, encoding: str, kind: str) -> TextIO:
     return open(path, encoding=encoding, newline=newline)
 
 
-def _rows(path: Path, kind: str, handle: TextIO, columns: Sequence[str] | None) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, raw row dict) for every non-blank record of an open file."""
-    if kind == "jsonl":
+def _json_array(path: Path, handle: TextIO) -> Iterator[tuple[str, dict]] | None:
+    """The records of a file holding one JSON array (as `datasets`' "json" loader reads), or None when the
+    file is JSON lines; the handle is rewound either way."""
+    head = handle.read(4096).lstrip()
+    handle.seek(0)
+    if not head.startswith("["):
+        return None
+    try:
+        records = json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not all(isinstance(record, dict) for record in records):
+        raise DataError(f"{path}: expected a JSON array of objects")
+    return ((f"record {number}", record) for number, record in enumerate(records, start=1))
+
+
+def _rows(path: Path, kind: str, handle: TextIO, columns: Sequence[str] | None) -> Iterator[tuple[str, dict]]:
+    """Yield (where, raw row dict) for every non-blank record of an open file; `where` is "line N" or, in a
+    JSON array, "record N"."""
+    array = _json_array(path, handle) if kind == "json" else None
+    if array is not None:
+        yield from array
+    elif kind in ("jsonl", "json"):
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -117,13 +137,13 @@ def _rows(path: Path, kind: str, handle: TextIO, columns: Sequence[str] | None) 
                 raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+            yield f"line {number}", record
     elif kind == "lines":
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             label, _, text = line.strip().partition(" ")
-            yield number, {"label": label, "text": text}
+            yield f"line {number}", {"label": label, "text": text}
     else:
         # GLUE-style TSVs carry bare quotes inside text, so TSV is read without quoting
         if kind == "csv":
@@ -143,7 +163,7 @@ def _rows(path: Path, kind: str, handle: TextIO, columns: Sequence[str] | None) 
                         f"{path}, line {reader.line_num}: {len(cells)} columns, "
                         f"expected {len(header)} ({header})"
                     )
-                yield reader.line_num, dict(zip(header, cells, strict=True))
+                yield f"line {reader.line_num}", dict(zip(header, cells, strict=True))
         except csv.Error as exc:
             raise DataError(f"{path}, line {reader.line_num}: unparsable {kind.upper()} ({exc})") from None
 
@@ -187,31 +207,31 @@ def read_examples(
     dropped = 0
     try:
         with _open(path, encoding, kind) as handle:
-            for number, record in _rows(path, kind, handle, columns):
+            for where, record in _rows(path, kind, handle, columns):
                 row: dict[str, str] = {}
                 for column, field in fields.items():
                     try:
                         value = _lookup(record, column)
                     except KeyError:
-                        raise DataError(f"{path}, line {number}: missing column {column!r}") from None
+                        raise DataError(f"{path}, {where}: missing column {column!r}") from None
                     if isinstance(value, (dict, list)) or value is None:
-                        raise DataError(f"{path}, line {number}, column {column!r}: not text ({value!r})")
+                        raise DataError(f"{path}, {where}, column {column!r}: not text ({value!r})")
                     row[field] = str(value).strip()
                 empty = [column for column, field in fields.items() if not row[field]]
                 if empty and drop_empty:
                     dropped += 1
                     continue
                 if empty:
-                    raise DataError(f"{path}, line {number}, column {empty[0]!r}: empty text")
+                    raise DataError(f"{path}, {where}, column {empty[0]!r}: empty text")
                 try:
                     raw = _lookup(record, label_column)
                 except KeyError:
-                    raise DataError(f"{path}, line {number}: missing column {label_column!r}") from None
+                    raise DataError(f"{path}, {where}: missing column {label_column!r}") from None
                 try:
                     labels.append(decode(raw))
                 except KeyError as exc:
                     raise DataError(
-                        f"{path}, line {number}, column {label_column!r}: {exc.args[0]}"
+                        f"{path}, {where}, column {label_column!r}: {exc.args[0]}"
                     ) from None
                 rows.append(row)
     except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as exc:

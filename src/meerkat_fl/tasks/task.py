@@ -11,7 +11,7 @@ import hashlib
 import logging
 import string
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,9 @@ import numpy as np
 from meerkat_fl.data import BUNDLED_DATA_DIR
 from meerkat_fl.errors import ConfigError, DataError
 from meerkat_fl.tasks.base import ClassificationData
-from meerkat_fl.tasks.hub import read_hub
+from meerkat_fl.tasks.hub import is_saved_dataset, parse_hub_id, read_hub, read_saved
 from meerkat_fl.tasks.loaders import Examples, label_decoder, read_examples
-from meerkat_fl.tasks.sources import FileSource, SplitSource
+from meerkat_fl.tasks.sources import FileSource, HubSource, SplitSource
 
 logger = logging.getLogger(__name__)
 
@@ -116,23 +116,31 @@ class Task:
         return list(self.sources)
 
     def load(
-        self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None
+        self,
+        split: str,
+        *,
+        path: str | Path | None = None,
+        data_dir: str | Path | None = None,
+        hub: str | None = None,
     ) -> ClassificationData:
         """Prompts and labels of `split`, from `path`, else `data_dir`, else the hub (see module doc).
 
-        A file given by `path` is read as is (no holdout split): a .csv/.tsv with a header or .jsonl,
-        optionally .gz, with columns `text_fields` and `label` (an index, a label name or word).
+        `path` is read as is (no holdout split): a .csv/.tsv with a header, .jsonl or .json (JSON lines or
+        one array, as `datasets`' json loader reads), optionally .gz, or a folder written by `datasets`'
+        save_to_disk (a DatasetDict gives its `split`), with columns `text_fields` and `label` (an index, a
+        label name or word). `hub` ("org/name" or "org/name:config") replaces the task's own hub dataset.
         """
         if path is not None:
             identity = {field: field for field in self.text_fields}
-            return self._prompts(
-                read_examples(
-                    path, identity, label_decoder(self.num_labels, self.label_names, self.label_words)
-                )
-            )
+            decode = label_decoder(self.num_labels, self.label_names, self.label_words)
+            if is_saved_dataset(path):
+                return self._prompts(read_saved(path, split, identity, decode))
+            return self._prompts(read_examples(path, identity, decode))
         source = self.sources.get(split)
         if source is None:
             raise ConfigError(f"task {self.name!r} has no split {split!r}; known splits: {self.splits}")
+        if hub is not None:
+            source = replace(source, hub=self._hub_override(hub, split, source.hub))
         tried: list[str] = []
         if data_dir is not None and source.file is None:
             tried.append(f"no local file is known for {self.name!r} split {split!r}")
@@ -155,6 +163,14 @@ class Task:
                 return self._prompts(result)
             tried.append(f"Hugging Face {hub.name!r}: {result}")
         raise DataError(self._missing_message(split, source, tried))
+
+    def _hub_override(self, hub: str, split: str, known: HubSource | None) -> HubSource:
+        """The split `split` of hub dataset `hub`, with the columns of the task's own hub source (or the
+        task's field names when it has none)."""
+        name, config = parse_hub_id(hub)
+        if known is not None:
+            return replace(known, name=name, config=config)
+        return HubSource(name, config, split, {field: field for field in self.text_fields})
 
     def _read_file(self, spec: FileSource, file_path: Path) -> Examples:
         decode = label_decoder(self.num_labels, self.label_names, self.label_words, spec.label_map)
@@ -185,7 +201,8 @@ class Task:
 
     def _missing_message(self, split: str, source: SplitSource, tried: list[str]) -> str:
         columns = ", ".join([*self.text_fields, "label"])
-        options = [f"(1) path= a local .csv/.tsv/.jsonl file (optionally .gz) with columns {columns}"]
+        local = "a local .csv/.tsv/.jsonl/.json file (optionally .gz) or a `datasets` save_to_disk folder"
+        options = [f"(1) path= {local}, with columns {columns}"]
         where = f" holding {source.file.relpath}" if source.file else ""
         options.append(
             f"(2) data_dir= (or MEERKAT_DATA_DIR for the CLI) a directory laid out like shared/data{where}"
