@@ -127,6 +127,27 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from meerkat_fl.tune import load_sweep, parse_grid, table, tune
+
+    if args.resume:
+        if args.config or args.set or args.grid:
+            raise SystemExit("meerkat tune: --resume DIR takes its config and grid from DIR (no CONFIG/--set/--grid)")
+        (base, grid), out = load_sweep(args.resume), Path(args.resume)
+    else:
+        if args.config is None:
+            raise SystemExit("meerkat tune: give a CONFIG.toml or --resume DIR")
+        base, grid = _config(args), parse_grid(args.grid) if args.grid else None
+        out = Path(args.out) if args.out else _default_out("tune", base)
+    runner = None
+    if args.finetune:
+        from meerkat_fl.finetune import finetune as runner
+    results = tune(base, out, grid, runner=runner, progress=not args.quiet)
+    print(table(results))
+    print(f"sweep folder: {out}\nbest config: {out / 'best.toml'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from meerkat_fl.demo import run_demo
 
@@ -284,6 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered methods with a one-line description")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("tune", help="lr (and eps) sweep scored on a validation split held out of the training data")
+    _add_config_args(p, config_positional=True)
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="values of one key, e.g. zo.lr=1e-4,2e-4 (repeatable; default: zo.lr x 1/4, 1/2, 1, 2, 4)")
+    p.add_argument("--out", help="sweep folder (default runs/tune-<task>-<time>); an existing one is continued")
+    p.add_argument("--resume", metavar="DIR", help="continue a sweep folder with its own config and grid")
+    p.add_argument("--finetune", action="store_true", help="sweep centralised fine-tuning instead of federated runs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="the main job: Meerkat vs Full-FedZO on the embedded model")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo setting")

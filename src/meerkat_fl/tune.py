@@ -1,0 +1,162 @@
+"""Hyper-parameter sweeps: each grid point is a normal run, scored on a validation split held out of the training
+data (never the test split); the best point's config is written out. A sweep folder resumes: finished points are
+skipped and a killed point continues from its checkpoint.
+
+    sweep/base.toml          the config the sweep started from (as given, with its own eval split)
+    sweep/grid.json          {"zo.lr": [...], ...}: the values of every swept key
+    sweep/points/<name>/     one run folder per point (`name` is its overrides, e.g. "zo.lr=0.0005")
+    sweep/tune.json, tune.md the scores; best.toml: base.toml with the best point's overrides
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meerkat_fl import config
+from meerkat_fl.config import Config
+from meerkat_fl.errors import ConfigError
+from meerkat_fl.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+# [choice] x{1/4, 1/2, 1, 2, 4} around the centre: the paper grid (BENCHMARKS.md) found a method's stable lr
+# within a factor of a few of its preset, and that lr shrinks with density, so the centre is what moves.
+DEFAULT_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+SCORE = "final_eval_accuracy"  # on task.eval_split=validation, which tune forces
+Runner = Callable[..., dict[str, Any]]  # simulate / finetune: (cfg, out, *, resume, progress) -> summary
+
+
+def default_center(cfg: Config) -> dict[str, float]:
+    """The grid's centre: the config's own lr (a method registry's preset and density rule can replace this)."""
+    return {"zo.lr": cfg.zo.lr}
+
+
+def default_grid(
+    cfg: Config, factors: Sequence[float] = DEFAULT_FACTORS, center: Callable[[Config], Mapping[str, float]] = default_center
+) -> dict[str, list[float]]:
+    """Each centre value times each factor, e.g. {"zo.lr": [lr/4, lr/2, lr, 2 lr, 4 lr]}."""
+    return {key: [value * factor for factor in factors] for key, value in center(cfg).items()}
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """["zo.lr=1e-4,2e-4", "zo.eps=1e-3"] -> {"zo.lr": [1e-4, 2e-4], "zo.eps": [1e-3]} (TOML values)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        key = key.strip()
+        if not values.strip() or key.count(".") != 1:
+            raise ConfigError(f"--grid {item!r}: expected section.key=value,value,... e.g. zo.lr=1e-4,2e-4")
+        if key in grid:
+            raise ConfigError(f"--grid {item!r}: {key} is given twice")
+        grid[key] = [config.parse_override(f"{key}={value}")[1] for value in values.split(",")]
+    return grid
+
+
+def grid_points(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, the first key varying slowest."""
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(point: Mapping[str, Any]) -> str:
+    """A folder name for a point: "zo.lr=0.0005,zo.eps=0.001"."""
+    text = ",".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in point.items())
+    return text.replace("/", "_")
+
+
+def point_config(base: Config, point: Mapping[str, Any]) -> Config:
+    """`base` with the point's overrides, evaluated on the validation split held out of the training data."""
+    return config.validate(config.apply_overrides(base, {**point, "task.eval_split": "validation"}))
+
+
+@dataclass
+class PointResult:
+    point: dict[str, Any]
+    folder: Path
+    status: str  # "ran" | "resumed" | "done before"
+    summary: dict[str, Any]
+
+    @property
+    def score(self) -> float:
+        value = self.summary.get(SCORE)
+        return float("-inf") if value is None else float(value)
+
+
+def run_point(runner: Runner, cfg: Config, folder: Path, progress: bool) -> tuple[str, dict[str, Any]]:
+    """Run one point into `folder`: skip it when finished, resume it from its checkpoint, else start it afresh."""
+    run = RunDir(folder)
+    if folder.exists():
+        if (folder / "config.toml").exists() and config.load(folder / "config.toml") != cfg:
+            raise ConfigError(f"{folder} holds a run of another config; give the sweep a new folder (--out)")
+        if (folder / "summary.json").exists():
+            return "done before", run.read_json("summary.json")
+        if run.has_checkpoint():
+            return "resumed", runner(cfg, folder, resume=True, progress=progress)
+        shutil.rmtree(folder)  # killed before its first checkpoint: nothing to continue from
+    return "ran", runner(cfg, folder, progress=progress)
+
+
+def tune(
+    base: Config, out: str | Path, grid: Mapping[str, Sequence[Any]] | None = None, *, runner: Runner | None = None,
+    progress: bool = True,
+) -> list[PointResult]:
+    """Run every grid point (default: default_grid(base)) into `out`; write tune.json, tune.md and best.toml.
+
+    Returns the points in grid order. The same `out` again skips finished points and resumes a killed one.
+    """
+    if runner is None:
+        from meerkat_fl.fed.simulate import simulate as runner
+    out = Path(out)
+    grid = {key: list(values) for key, values in (grid or default_grid(base)).items()}
+    if not grid or not all(grid.values()):
+        raise ConfigError("tune: the grid is empty; give --grid section.key=value,value,...")
+    points = grid_points(grid)
+    configs = [point_config(base, point) for point in points]  # every point is checked before any runs
+    out.mkdir(parents=True, exist_ok=True)
+    RunDir(out).write_json("grid.json", grid)
+    (out / "base.toml").write_text(config.to_toml(base), encoding="utf-8")
+    results = []
+    for number, (point, cfg) in enumerate(zip(points, configs, strict=True), start=1):
+        folder = out / "points" / point_name(point)
+        log.info("tune: point %d of %d, %s", number, len(points), point_name(point))
+        status, summary = run_point(runner, cfg, folder, progress)
+        results.append(PointResult(point, folder, status, summary))
+    best = max(results, key=lambda result: result.score)  # ties: the first in grid order
+    (out / "best.toml").write_text(config.to_toml(config.validate(config.apply_overrides(base, best.point))))
+    RunDir(out).write_json("tune.json", {
+        "grid": grid, "score": f"{SCORE} on task.eval_split=validation", "best": best.point,
+        "points": [{"point": r.point, "folder": str(r.folder), "status": r.status, SCORE: r.summary.get(SCORE),
+                    "zero_shot_accuracy": r.summary.get("zero_shot_accuracy"),
+                    "wall_seconds": r.summary.get("wall_seconds")} for r in results],
+    })
+    (out / "tune.md").write_text(table(results) + "\n", encoding="utf-8")
+    return results
+
+
+def table(results: Sequence[PointResult]) -> str:
+    """A Markdown table of the points: overrides, validation accuracy (zero-shot, final), status; best marked."""
+    best = max(results, key=lambda result: result.score)
+    keys = list(results[0].point)
+    fmt = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    lines = ["| " + " | ".join([*keys, "val. zero-shot", "val. accuracy", "status", ""]) + " |",
+             "|" + "---|" * (len(keys) + 4)]
+    for result in results:
+        values = [f"{v:g}" if isinstance(v, float) else str(v) for v in result.point.values()]
+        lines.append("| " + " | ".join([*values, fmt(result.summary.get("zero_shot_accuracy")),
+                                        fmt(result.summary.get(SCORE)), result.status,
+                                        "best" if result is best else ""]) + " |")
+    return "\n".join(lines)
+
+
+def load_sweep(out: str | Path) -> tuple[Config, dict[str, list[Any]]]:
+    """The base config and grid a sweep folder was started with (to resume it)."""
+    out = Path(out)
+    if not (out / "base.toml").exists() or not (out / "grid.json").exists():
+        raise ConfigError(f"{out} is not a sweep folder (no base.toml and grid.json)")
+    return config.load(out / "base.toml"), RunDir(out).read_json("grid.json")
