@@ -143,7 +143,7 @@ def table(results: Sequence[PointResult]) -> str:
     """A Markdown table of the points: overrides, validation accuracy (zero-shot, final), status; best marked."""
     best = max(results, key=lambda result: result.score)
     keys = list(results[0].point)
-    fmt = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    fmt = lambda value: "-" if value is None else f"{value:.4f}"
     lines = ["| " + " | ".join([*keys, "val. zero-shot", "val. accuracy", "status", ""]) + " |",
              "|" + "---|" * (len(keys) + 4)]
     for result in results:
