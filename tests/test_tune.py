@@ -85,3 +85,14 @@ def test_a_point_folder_from_another_config_is_refused(tmp_path, monkeypatch):
     simulate(point_config(base, {"zo.lr": 1e-3}), folder, progress=False)
     with pytest.raises(ConfigError, match="another config"):
         tune(config.apply_overrides(base, ["run.seed=1"]), tmp_path / "sweep", {"zo.lr": [1e-3]}, progress=False)
+
+
+def test_default_centre_is_the_configs_lr_or_the_methods_preset_at_its_density():
+    from meerkat_fl import config
+    from meerkat_fl.methods import get_method
+    from meerkat_fl.tune import default_center
+
+    assert default_center(config.load(None, ["zo.lr=3e-4"])) == {"zo.lr": 3e-4}
+    assert default_center(config.load(None, ["method=full_fedzo"])) == {"zo.lr": get_method("full_fedzo").lr}
+    sparse = default_center(config.load(None, ["method=meerkat", "mask.density=1e-2"]))["zo.lr"]
+    assert abs(sparse - get_method("meerkat").lr / 10) < 1e-12
