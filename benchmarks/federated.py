@@ -29,6 +29,7 @@ from pathlib import Path
 
 from meerkat_fl import config, memory
 from meerkat_fl.demo import DEMO_CONFIG, FULL_FEDZO
+from meerkat_fl.rundir import EVAL, FINAL, ZERO_SHOT, primary_metric, read_metric, unprefixed
 
 REPO = Path(__file__).resolve().parent.parent
 # Methods in the demo's setting: each differs from Meerkat only by these overrides (same T, rounds, forwards).
@@ -58,7 +59,7 @@ def child_run(out: Path, overrides: list[str]) -> dict:
     cfg = config.validate(config.resolve_environment(config.load(DEMO_CONFIG, overrides)))
     summary = simulate(cfg, out, progress=False, on_built=built)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    plain = [r["seconds"] for r in rows if "eval_accuracy" not in r] or [r["seconds"] for r in rows]
+    plain = [r["seconds"] for r in rows if not unprefixed(EVAL, r)] or [r["seconds"] for r in rows]
     return {
         "summary": summary,
         "seconds_per_round": statistics.median(plain),
@@ -80,8 +81,8 @@ def method_row(name: str, child: dict) -> dict:
     s = child["summary"]
     return {
         "method": name,
-        "zero_shot_accuracy": s["zero_shot_accuracy"],
-        "final_accuracy": s["final_eval_accuracy"],
+        "zero_shot_accuracy": read_metric(s, ZERO_SHOT, primary_metric(s)),
+        "final_accuracy": read_metric(s, FINAL, primary_metric(s)),
         "bytes_up_per_round": s["bytes_up_per_round"],
         "bytes_down_per_round": s["bytes_down_per_round"],
         "seconds_per_round": child["seconds_per_round"],

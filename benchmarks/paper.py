@@ -41,6 +41,7 @@ from typing import Any
 
 from meerkat_fl import config
 from meerkat_fl.fed.simulate import simulate
+from meerkat_fl.rundir import EVAL, FINAL, ZERO_SHOT, primary_metric, read_metric
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -237,11 +238,11 @@ def _run(cell: Cell, path: Path) -> dict[str, Any]:
     summary = simulate(cfg, out, resume=resume, progress=False, overwrite=not resume)  # a cell cut before its
     # first checkpoint starts again
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    curve, total = [], 0
+    curve, total, metric = [], 0, primary_metric(summary)
     for row in rows:
         total += row["bytes_up"] + row["bytes_down"]
-        if row.get("eval_accuracy") is not None:
-            curve.append([row["round"], total, row["eval_accuracy"]])
+        if read_metric(row, EVAL, metric) is not None:
+            curve.append([row["round"], total, read_metric(row, EVAL, metric)])
     result = {"cell": dataclasses.asdict(cell), "summary": summary, "curve": curve}
     if (out / "gradip.jsonl").exists():  # sensitive masks: GradIP of every replayed step (a few KB)
         result["gradip"] = [json.loads(line) for line in (out / "gradip.jsonl").read_text().splitlines() if line]
@@ -250,6 +251,11 @@ def _run(cell: Cell, path: Path) -> dict[str, Any]:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(path)  # atomic: a reader never sees half a cell
     return result
+
+
+def score(summary: dict[str, Any], task: str, when: str = FINAL) -> float | None:
+    """A run's primary metric (final or zero-shot); cached cells written before metrics had names work too."""
+    return read_metric(summary, when, primary_metric(summary, task))
 
 
 def cached(cell: Cell) -> dict[str, Any] | None:
@@ -284,7 +290,7 @@ def tuned_lr(task: str, method: str, run: bool, pending: list[str]) -> float | N
     for lr in lr_grid(source):
         result = fetch(Cell(task, source, "base", lr, 0, "validation"), run, pending)
         if result is not None:
-            scores[lr] = result["summary"]["final_eval_accuracy"]
+            scores[lr] = score(result["summary"], task)
     if len(scores) < len(lr_grid(source)):
         return None
     return max(sorted(scores), key=lambda lr: scores[lr])
@@ -367,8 +373,8 @@ def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:
                         results[key] = {
                             "task": task, "method": method, "setting": setting, "lr": lr,
                             "seeds": [r["cell"]["seed"] for r in done],
-                            "zero_shot": [r["summary"]["zero_shot_accuracy"] for r in done],
-                            "accuracy": [r["summary"]["final_eval_accuracy"] for r in done],
+                            "zero_shot": [score(r["summary"], task, ZERO_SHOT) for r in done],
+                            "accuracy": [score(r["summary"], task) for r in done],
                             "bytes_per_round": statistics.fmean(
                                 r["summary"]["bytes_up_per_round"] + r["summary"]["bytes_down_per_round"] for r in done),
                             "wall_seconds": [r["summary"]["wall_seconds"] for r in done],
@@ -377,18 +383,18 @@ def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:
         lr = lrs[task].get("meerkat")
         if lr is not None and "1" in claims and "1" in TASK_CLAIMS.get(task, claims):
             tuned = cached(Cell(task, "meerkat", "base", lr, 0, "validation"))
-            eps[task] = {"lr": lr, "1e-3": tuned["summary"]["final_eval_accuracy"] if tuned else None}
+            eps[task] = {"lr": lr, "1e-3": score(tuned["summary"], task) if tuned else None}
             for value, setting in EPS_CHECK.items():
                 result = fetch(Cell(task, "meerkat", setting, lr, 0, "validation"), run, pending)
-                eps[task][value] = result["summary"]["final_eval_accuracy"] if result else None
+                eps[task][value] = score(result["summary"], task) if result else None
             dense = fetch(Cell(task, "full_fedzo", "base", DENSE_CHECK_LR, 0, "validation"), run, pending)
-            eps[task]["full_fedzo_above_grid"] = dense["summary"]["final_eval_accuracy"] if dense else None
+            eps[task]["full_fedzo_above_grid"] = score(dense["summary"], task) if dense else None
     grid: dict[str, Any] = {}
     for task in tasks:
         tuned = {METHODS[m][2] or m for claim in claims if claim in TASK_CLAIMS.get(task, claims)
                  for m in CLAIMS[claim][0]}  # the methods with an lr grid
-        grid[task] = {m: {str(lr): (cached(Cell(task, m, "base", lr, 0, "validation")) or {}).get(
-            "summary", {}).get("final_eval_accuracy") for lr in lr_grid(m)} for m in METHODS if m in tuned}
+        grid[task] = {m: {str(lr): score((cached(Cell(task, m, "base", lr, 0, "validation")) or {}).get(
+            "summary", {}), task) for lr in lr_grid(m)} for m in METHODS if m in tuned}
     return {"lrs": lrs, "results": results, "tuning_grid": grid, "eps_check": eps, "pending": sorted(set(pending))}
 
 

@@ -37,7 +37,7 @@ from typing import Any
 from meerkat_fl import config
 from meerkat_fl.fed.simulate import simulate
 from meerkat_fl.report import detection_table, gradip_analysis, plot_gradip
-from meerkat_fl.rundir import RunDir, json_safe
+from meerkat_fl.rundir import FINAL, ZERO_SHOT, RunDir, json_safe, primary_metric, read_metric
 from meerkat_fl.vp import precision_recall
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,8 +119,8 @@ def run_record(out: Path, summary: dict[str, Any]) -> dict[str, Any]:
     detected_first = sorted(int(c) for c in (first or {}).get("vp_detected", []))
     detected_final = rows[-1].get("vp_detected", [])
     return {
-        "final_eval_accuracy": summary["final_eval_accuracy"],
-        "zero_shot_accuracy": summary["zero_shot_accuracy"],
+        "final_eval_accuracy": read_metric(summary, FINAL, primary_metric(summary)),
+        "zero_shot_accuracy": read_metric(summary, ZERO_SHOT, primary_metric(summary)),
         "local_steps_run": int(sum(c["steps"] for c in analysis["clients"])),
         "extreme_clients": extreme,
         "detected_first_check": detected_first,
@@ -147,7 +147,7 @@ def run_cell(task: str, seed: int, args, results: Path, runs: Path) -> dict[str,
         summary = run_method(cfg, method, folder, prefix)
         records[method] = run_record(folder / method, summary)
         cache.write_text(json.dumps(json_safe(records[method]), indent=2) + "\n")
-        print(f"  {task} seed {seed} {method}: acc {summary['final_eval_accuracy']:.3f} "
+        print(f"  {task} seed {seed} {method}: acc {records[method]['final_eval_accuracy']:.3f} "
               f"({time.perf_counter() - tic:.0f} s)", flush=True)
     plot = results / f"gradip-{task}-seed{seed}.png"
     if not plot.exists() and (folder / "meerkat").exists():

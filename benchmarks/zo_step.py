@@ -8,6 +8,11 @@ plain forward passes of the same loss. Ratios are medians of per-repetition rati
 order) in this one process; an A/A control (two forwards against themselves) gives the noise floor, and the
 step's overhead is also timed part by part, which is far more precise than a difference of two ~1.5 s runs.
 
+The label scorer is timed against a plain forward (full-vocabulary logits at every position), paired the
+same way: the scorer before issue 13 (final hidden state @ the label words' lm_head rows, by hand) and the
+current one (the model's own forward with ``logits_to_keep`` at the answer position, then the label
+columns). ``--only-scorers`` runs just that comparison (a minute) and writes benchmarks/results/scorer_cost.json.
+
 Peak memory is measured in a fresh child process per workload (the script re-invokes itself). The lifetime
 peak (``ru_maxrss``) is set by model loading (~2x the steady RSS), not by the workload, so after load and a
 warm-up forward the child resets the kernel's high-water mark (``/proc/self/clear_refs``) and reports the peak
@@ -38,7 +43,7 @@ from meerkat_fl import memory
 from meerkat_fl.errors import MeerkatError
 from meerkat_fl.masks import Mask, build_mask, load_mask, save_mask
 from meerkat_fl.models import load_model
-from meerkat_fl.tasks import Batch, LabelScorer, encode, get_task
+from meerkat_fl.tasks import Batch, encode, get_task, label_logits, label_token_ids
 from meerkat_fl.zo import MaskedParams, apply_step, segment_noise, wants_noise_cache, zo_step
 
 MODEL = "smollm2"
@@ -68,21 +73,35 @@ def fixed_batch(tokenizer, data_dir: Path) -> tuple[Batch, str]:
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, len(tokenizer), (BATCH_SIZE, SEQ_LEN), generator=generator)
         labels = torch.arange(BATCH_SIZE) % 2
-        return _batch(ids, labels), "random token ids"
-    encoded = encode(tokenizer, data, max_length=SEQ_LEN)
+        return _batch(ids, labels, label_token_ids(tokenizer, get_task("sst2").label_words)), "random token ids"
+    encoded = encode(tokenizer, data, get_task("sst2").label_words, max_length=SEQ_LEN)
     filler = [t for ids in encoded.token_ids[BATCH_SIZE:] for t in ids]
     rows = []
     for row in range(BATCH_SIZE):
         context = filler[row * SEQ_LEN : (row + 1) * SEQ_LEN]
         rows.append((context + encoded.token_ids[row])[-SEQ_LEN:])
     labels = torch.from_numpy(encoded.labels[:BATCH_SIZE].copy())
-    return _batch(torch.tensor(rows, dtype=torch.int64), labels), "sst2 train prompts, left-filled"
+    return _batch(torch.tensor(rows, dtype=torch.int64), labels, encoded.label_token_ids), "sst2 train prompts, left-filled"
 
 
-def _batch(input_ids: torch.Tensor, labels: torch.Tensor) -> Batch:
+def _batch(input_ids: torch.Tensor, labels: torch.Tensor, answer_ids) -> Batch:
     attention_mask = torch.ones_like(input_ids)
     last_index = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.int64)
-    return Batch(input_ids, attention_mask, last_index, labels)
+    return Batch(input_ids, attention_mask, last_index, labels, torch.tensor(list(answer_ids), dtype=torch.int64))
+
+
+@torch.no_grad()
+def hand_label_logits(model, batch: Batch) -> torch.Tensor:
+    """The scorer before issue 13, kept here to time it: final hidden state @ the label words' head rows.
+
+    Wrong for models whose logits are not a plain projection (Gemma-2 soft-caps them); see tasks/base.py.
+    """
+    hidden = model.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    answer = hidden[torch.arange(hidden.shape[0]), batch.last_index].float()
+    head = model.get_output_embeddings()
+    return answer @ head.weight[batch.label_token_ids].float().T
 
 
 class Workloads:
@@ -92,8 +111,8 @@ class Workloads:
         loaded = load_model(MODEL)
         self.model, self.fingerprint = loaded.model, loaded.fingerprint
         self.batch, self.batch_source = fixed_batch(loaded.tokenizer, data_dir)
-        scorer = LabelScorer(self.model, loaded.tokenizer, get_task("sst2").label_words)
-        self.loss_fn = lambda: scorer.loss(self.batch)
+        task = get_task("sst2")
+        self.loss_fn = lambda: task.loss(self.model, self.batch)
         self.sparse_mask_path = sparse_mask_path
         self.seed = 0
 
@@ -173,6 +192,44 @@ def paired(
     return times_a, times_b, [b / a for a, b in zip(times_a, times_b)]
 
 
+def time_scorers(work: Workloads, reps: int, warmup: int) -> dict:
+    """Old (by hand) and current (logits_to_keep) label scorer, each paired with a plain full-logits forward."""
+    model, batch = work.model, work.batch
+
+    @torch.no_grad()
+    def plain() -> None:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+    with torch.no_grad():
+        same = torch.allclose(hand_label_logits(model, batch), label_logits(model, batch), rtol=1e-4, atol=1e-4)
+    _, old_s, old_ratios = paired(plain, lambda: hand_label_logits(model, batch), reps, warmup)
+    plain_s, new_s, new_ratios = paired(plain, lambda: torch.no_grad()(label_logits)(model, batch), reps, warmup)
+    _, _, new_over_old = paired(lambda: hand_label_logits(model, batch),
+                                lambda: torch.no_grad()(label_logits)(model, batch), reps, warmup)
+    return {
+        "plain_forward_s": statistics.median(plain_s),
+        "scorer_by_hand_s": statistics.median(old_s),
+        "scorer_logits_to_keep_s": statistics.median(new_s),
+        "scorer_by_hand_over_plain_forward": statistics.median(old_ratios),
+        "scorer_logits_to_keep_over_plain_forward": statistics.median(new_ratios),
+        "scorer_logits_to_keep_over_by_hand": statistics.median(new_over_old),
+        "scorers_agree": same,
+        "scorer_samples": {"by_hand": old_ratios, "logits_to_keep": new_ratios, "new_over_old": new_over_old},
+    }
+
+
+def print_scorers(r: dict) -> None:
+    print(f"label scorer, SmolLM2-135M float32 CPU, batch {BATCH_SIZE}x{SEQ_LEN}, medians of paired ratios")
+    print(f"{'':44} {'seconds':>9} {'x plain':>8}")
+    print(f"{'plain forward (full logits, every position)':44} {r['plain_forward_s']:>9.3f} {1:>8.3f}")
+    print(f"{'scorer by hand (hidden @ lm_head rows)':44} {r['scorer_by_hand_s']:>9.3f} "
+          f"{r['scorer_by_hand_over_plain_forward']:>8.3f}")
+    print(f"{'scorer via forward, logits_to_keep':44} {r['scorer_logits_to_keep_s']:>9.3f} "
+          f"{r['scorer_logits_to_keep_over_plain_forward']:>8.3f}")
+    print(f"current / by hand (paired): {r['scorer_logits_to_keep_over_by_hand']:.3f}; "
+          f"same label logits: {r['scorers_agree']}")
+
+
 def time_steps(data_dir: Path, reps: int, warmup: int) -> tuple[dict, Mask]:
     """Paired phases: two forwards vs themselves (noise floor), vs a sparse step, vs a dense step; parts."""
     work = Workloads(data_dir)
@@ -210,6 +267,7 @@ def time_steps(data_dir: Path, reps: int, warmup: int) -> tuple[dict, Mask]:
         result[f"{parts}_over_two_forward"] = 1 + overhead / result["two_forward_s"]
     result["sparse_masked_values"], result["dense_masked_values"] = sparse[0].size, dense[0].size
     result["batch_source"] = work.batch_source
+    result.update(time_scorers(work, reps, warmup))
     return result, sparse[0].mask
 
 
@@ -324,6 +382,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed repetitions first")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--skip-cold-load", action="store_true", help="skip the ~25 s GGUF conversion")
+    parser.add_argument("--only-scorers", action="store_true",
+                        help="only time the label scorers (writes benchmarks/results/scorer_cost.json)")
     parser.add_argument("--measure-peak", choices=list(PEAK_WORKLOADS), help=argparse.SUPPRESS)
     parser.add_argument("--measure-load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mask", type=Path, help=argparse.SUPPRESS)
@@ -333,6 +393,16 @@ def main() -> None:
         return
     if args.measure_load:
         print(json.dumps(measure_load()))
+        return
+    if args.only_scorers:
+        work = Workloads(args.data_dir)
+        result = {**time_scorers(work, args.reps, args.warmup), "batch_source": work.batch_source,
+                  "threads": torch.get_num_threads(), "reps": args.reps, "torch_version": torch.__version__,
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        print_scorers(result)
+        out = REPO / "benchmarks" / "results" / "scorer_cost.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
         return
 
     result, sparse_mask = time_steps(args.data_dir, args.reps, args.warmup)
@@ -378,6 +448,7 @@ def main() -> None:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     print_table(result)
+    print_scorers(result)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json}")

@@ -26,12 +26,12 @@ def test_hold_out_is_disjoint_and_independent_of_run_seed():
         hold_out(data, 100)
 
 
-def test_validation_split_never_overlaps_training_examples(tiny, data_dir):
-    cfg = TaskConfig(name="sst2", data_dir=data_dir, train_size=300, eval_size=50, eval_split="validation",
+def test_validation_split_never_overlaps_training_examples(tiny):
+    cfg = TaskConfig(name="synthetic", train_size=300, eval_size=50, eval_split="validation",
                      validation_size=400, max_length=32)
     first, second = build_task_data(cfg, tiny, seed=0), build_task_data(cfg, tiny, seed=1)
     assert len(first.test.token_ids) == 50 and len(first.train.token_ids) == 300
     assert prompts_of(first.train).isdisjoint(prompts_of(first.test))
     assert prompts_of(second.train).isdisjoint(prompts_of(first.test) | prompts_of(second.test))
-    test_cfg = TaskConfig(name="sst2", data_dir=data_dir, train_size=300, eval_size=50, max_length=32)
+    test_cfg = TaskConfig(name="synthetic", train_size=300, eval_size=50, max_length=32)
     assert prompts_of(build_task_data(test_cfg, tiny, seed=0).test) != prompts_of(first.test)

@@ -216,7 +216,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_cfg, tmp_pat
         handle.write('{"round": 3, "train_lo')
     resumed = simulate(cfg, tmp_path / "cut", progress=False, resume=True)
     assert_same_run(tmp_path / "full", tmp_path / "cut")
-    assert resumed["final_eval_accuracy"] == full["final_eval_accuracy"]
+    assert resumed["final/accuracy"] == full["final/accuracy"]
 
 
 def test_run_folder_has_the_promised_files(tiny_cfg, tmp_path):
@@ -224,11 +224,12 @@ def test_run_folder_has_the_promised_files(tiny_cfg, tmp_path):
     for name in ("config.toml", "metrics.jsonl", "summary.json", "patch.safetensors", "checkpoint.safetensors",
                  "partition.json", "partition.txt"):
         assert (tmp_path / name).exists(), name
-    for key in ("method", "task", "num_clients", "local_steps", "rounds", "zero_shot_accuracy",
-                "final_eval_accuracy", "bytes_up_per_round", "bytes_down_per_round", "wall_seconds"):
+    for key in ("method", "task", "num_clients", "local_steps", "rounds", "zero_shot/accuracy", "zero_shot/loss",
+                "final/accuracy", "final/loss", "bytes_up_per_round", "bytes_down_per_round", "wall_seconds"):
         assert key in summary
+    assert summary["primary_metric"] == "accuracy"
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
-    assert {"round", "train_loss", "eval_accuracy", "bytes_up", "bytes_down", "seconds"} <= set(row)
+    assert {"round", "train_loss", "eval/accuracy", "eval/loss", "bytes_up", "bytes_down", "seconds"} <= set(row)
     by_client = row["train_loss_by_client"]  # one entry per accepted client; their mean is the round's loss
     assert sorted(map(int, by_client)) == row["clients"]
     assert sum(by_client.values()) / len(by_client) == pytest.approx(row["train_loss"], rel=1e-12)

@@ -218,7 +218,7 @@ def test_a_pool_run_resumes_bit_identically(tiny_cfg, tmp_path, downlink, sampli
     assert simulate(cfg, tmp_path / "cut", progress=False, stop_after=2) == {"interrupted_at_round": 2}
     resumed = simulate(cfg, tmp_path / "cut", progress=False, resume=True)
     assert_same_run(tmp_path / "full", tmp_path / "cut")
-    assert resumed["final_eval_accuracy"] == full["final_eval_accuracy"]
+    assert resumed["final/accuracy"] == full["final/accuracy"]
     read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
     assert full["method"] == ("fedkseed_pro" if sampling == "pro" else "fedkseed") and full["mask_kind"] == "random"
     assert full["seed_pool"] == K and read(tmp_path / "full")[-1]["pool_nonzero"] > 0

@@ -100,7 +100,7 @@ def test_simulation_reaches_the_in_process_values_bit_for_bit(tiny_cfg, tmp_path
     summary = run_simulation(cfg, tmp_path / "flower", tmp_path / "work", timeout=RUN_TIMEOUT)
     assert torch.equal(values(tmp_path / "flower"), values(tmp_path / "inproc"))
     for ours, theirs in zip(rows(tmp_path / "flower"), rows(tmp_path / "inproc"), strict=True):
-        for key in ("train_loss", "bytes_up", "bytes_down", "clients", "eval_accuracy"):
+        for key in ("train_loss", "bytes_up", "bytes_down", "clients", "eval/accuracy", "eval/loss"):
             assert ours[key] == theirs[key], key
         assert ours["flower_bytes_up"] > ours["bytes_up"] and ours["flower_bytes_down"] > ours["bytes_down"]
     assert summary["engine"] == "flower" and summary["rejected_replies"] == 0

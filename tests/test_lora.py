@@ -181,12 +181,33 @@ def test_lora_with_a_mask_file_is_refused():
         config.load(None, ["mask.kind=lora", "mask.path=m.safetensors"])
 
 
-@pytest.mark.parametrize("targets", [("q_proj", "qproj"), ("lm_head",)])
+@pytest.mark.parametrize("targets", [("q_proj", "qproj"), ("embed_tokens",), ("lm_head",)])  # tiny: tied head
 def test_a_target_that_matches_no_decoder_linear_is_refused_by_name(targets):
     model = tiny_llama(0).model
     with pytest.raises(ConfigError, match=repr(targets[-1])):
         add_lora(model, fingerprint="f", rank=4, alpha=8.0, targets=targets)
     assert not has_lora(model)
+
+
+def test_an_adapter_on_an_untied_output_head_changes_the_task_loss():
+    # Tasks score through the model's forward, so an (untied) head is a LoRA target like any block linear.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from meerkat_fl.tasks import get_task
+
+    tiny = tiny_llama(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**{**tiny.model.config.to_dict(), "tie_word_embeddings": False})).eval()
+    task = get_task("synthetic")
+    batch = task.encode(tiny.tokenizer, task.load("test").subset(range(8)), 48).batch(range(8))
+    before = task.loss(model, batch)
+    mask = add_lora(model, fingerprint="f", seed=0, rank=4, alpha=8.0, targets=("lm_head",))
+    assert mask.names and all("lm_head" in name for name in mask.names)
+    assert task.loss(model, batch) == before  # B = 0: the adapted model starts as the base model
+    params = MaskedParams(model, mask)
+    params.write(params.gather(), seed=1, scale=1e-1)  # move A and B
+    assert task.loss(model, batch) != before
 
 
 def test_adapters_cannot_be_injected_twice():
@@ -204,9 +225,9 @@ def test_lora_targets_override_and_toml_round_trip(tmp_path):
     assert config.method_name(config.apply_overrides(cfg, ["fed.strategy=fedmezo"])) == "fedmezo"  # on LoRA
 
 
-def test_cli_run_eval_and_export_a_lora_fedzo_run(data_dir, tmp_path, capsys):
+def test_cli_run_eval_and_export_a_lora_fedzo_run(tmp_path, capsys):
     tiny_toml = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
-    common = ["--set", f"task.data_dir={data_dir!r}", "--set", "mask.kind=lora"]
+    common = ["--set", "mask.kind=lora"]
     out = str(tmp_path / "run")
     assert main(["run", tiny_toml, *common, "--set", "fed.rounds=1", "--out", out, "--quiet"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -214,6 +235,7 @@ def test_cli_run_eval_and_export_a_lora_fedzo_run(data_dir, tmp_path, capsys):
     patch = str(tmp_path / "run" / "patch.safetensors")
     capsys.readouterr()
     assert main(["eval", "--config", tiny_toml, *common, "--patch", patch]) == 0
-    assert json.loads(capsys.readouterr().out)["accuracy"] == summary["final_eval_accuracy"]
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["accuracy"], printed["loss"]) == (summary["final/accuracy"], summary["final/loss"])
     assert main(["export", "--model", "tiny", "--patch", patch, "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").exists()

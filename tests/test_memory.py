@@ -22,8 +22,8 @@ CHILD = textwrap.dedent(
     from meerkat_fl import config, memory
     from meerkat_fl.fed.simulate import simulate
 
-    config_path, data_dir, out, clients = sys.argv[1:]
-    cfg = config.load(config_path, [f"task.data_dir={data_dir!r}", f"fed.num_clients={clients}",
+    config_path, out, clients = sys.argv[1:]
+    cfg = config.load(config_path, [f"fed.num_clients={clients}",
                                     "fed.partition='iid'", "fed.sample_count=5", "fed.rounds=2",
                                     "run.zero_shot=false", "run.eval_every=0", "task.train_size=400"])
     marks = {}
@@ -37,22 +37,22 @@ CHILD = textwrap.dedent(
 )
 
 
-def peak_with(clients: int, tmp_path, data_dir) -> dict:
+def peak_with(clients: int, tmp_path) -> dict:
     from pathlib import Path
 
     config_path = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(config_path), data_dir, str(tmp_path / f"run-{clients}"), str(clients)],
+        [sys.executable, "-c", CHILD, str(config_path), str(tmp_path / f"run-{clients}"), str(clients)],
         capture_output=True, text=True, check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_peak_memory_does_not_grow_with_clients(tmp_path, data_dir):
+def test_peak_memory_does_not_grow_with_clients(tmp_path):
     if not memory.reset_peak():
         pytest.skip("this kernel cannot reset the RSS high-water mark (/proc/self/clear_refs)")
-    few, many = peak_with(10, tmp_path, data_dir), peak_with(100, tmp_path, data_dir)
+    few, many = peak_with(10, tmp_path), peak_with(100, tmp_path)
     assert few["reset"] and many["reset"]
     assert (few["clients"], many["clients"]) == (10, 100)
     # One model copy per extra client would add 90 x model_mb; even a single extra copy is ruled out.

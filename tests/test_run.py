@@ -44,8 +44,8 @@ def test_resuming_a_finished_run_reports_its_real_final_metrics(tiny_cfg, tmp_pa
     cfg = config.apply_overrides(tiny_cfg, ["fed.rounds=2", "zo.lr=0.5"])
     done = simulate(cfg, tmp_path, progress=False)
     again = simulate(cfg, tmp_path, progress=False, resume=True)
-    assert again["final_eval_accuracy"] == done["final_eval_accuracy"] == rows(tmp_path)[-1]["eval_accuracy"]
-    assert again["zero_shot_accuracy"] == done["zero_shot_accuracy"]
+    assert again["final/accuracy"] == done["final/accuracy"] == rows(tmp_path)[-1]["eval/accuracy"]
+    assert again["zero_shot/accuracy"] == done["zero_shot/accuracy"]
     assert again["bytes_total"] == done["bytes_total"]
 
 
@@ -88,11 +88,11 @@ def test_finetune_resumes_to_the_same_result_through_the_same_shell(tiny_cfg, tm
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as handle:  # step 3 ran, then a kill mid-write
         handle.write('{"step": 3, "train_loss": 0.69}\n{"step": 4, "tr')
     resumed = finetune(cfg, tmp_path / "cut", progress=False, resume=True)
-    assert resumed["final_eval_accuracy"] == full["final_eval_accuracy"]
+    assert resumed["final/accuracy"] == full["final/accuracy"]
     assert_same_run(tmp_path / "full", tmp_path / "cut")
     (tmp_path / "cut" / "summary.json").unlink()  # killed after its last checkpoint: resume reports, not lies
     again = finetune(cfg, tmp_path / "cut", progress=False, resume=True)
-    assert again["final_eval_accuracy"] == full["final_eval_accuracy"]
+    assert again["final/accuracy"] == full["final/accuracy"]
     with pytest.raises(ConfigError, match="already holds a run"):
         finetune(cfg, tmp_path / "full", progress=False)
 

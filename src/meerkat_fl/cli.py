@@ -83,9 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.patch:
         apply_patch(loaded.model, load_patch(args.patch), loaded.fingerprint)
     data = build_task_data(cfg.task, loaded, cfg.run.seed)
-    accuracy = data.scorer.accuracy(data.test, batch_size=cfg.task.eval_batch_size)
-    print(json.dumps({"task": cfg.task.name, "patch": args.patch, "examples": len(data.test),
-                      "accuracy": accuracy}, indent=2))
+    metrics = data.scorer.evaluate(data.test, batch_size=cfg.task.eval_batch_size)
+    print(json.dumps({"task": cfg.task.name, "patch": args.patch, "examples": len(data.test), **metrics}, indent=2))
     return 0
 
 
@@ -283,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="accuracy of a model (optionally with a patch) on a task")
+    p = sub.add_parser("eval", help="a model's metrics (optionally with a patch) on a task's test split")
     _add_config_args(p)
     p.add_argument("--model"), p.add_argument("--task"), p.add_argument("--patch")
     p.add_argument("--eval-size", type=int)
@@ -321,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out"), p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plot", help="accuracy vs round and vs cumulative bytes for several runs, one PNG")
+    p = sub.add_parser("plot", help="the task's primary metric vs round and vs cumulative bytes for several runs, one PNG")
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", default="runs/plot.png"), p.add_argument("--title")
     p.set_defaults(func=cmd_plot)

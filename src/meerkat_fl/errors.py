@@ -25,7 +25,3 @@ class MaskMismatch(MeerkatError):
 
 class MessageRejected(MeerkatError):
     """A client or server message is malformed, hostile, or inconsistent with the round."""
-
-
-class NonFiniteLoss(MeerkatError):
-    """A loss was NaN or infinite; the step that produced it is skipped."""

@@ -16,6 +16,7 @@ from meerkat_fl.config import Config, flatten
 from meerkat_fl.fed import checkpoint
 from meerkat_fl.local import DataPointer, local_train, step_seeds
 from meerkat_fl.patch import save_patch
+from meerkat_fl.rundir import EVAL, prefixed
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
         return data.scorer.loss(data.train.batch(indices, device))
 
     def evaluate() -> dict[str, float]:
-        return {"accuracy": data.scorer.accuracy(data.test, batch_size=cfg.task.eval_batch_size)}
+        return data.scorer.evaluate(data.test, batch_size=cfg.task.eval_batch_size)
 
     start, skipped, resumed = 0, 0, None
     if resume and run.has_checkpoint():
@@ -56,7 +57,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
     zero_shot = shell.begin(run, resumed_round=resumed, evaluate=evaluate if cfg.run.zero_shot else None,
                             step_key="step")
     if resumed is None and zero_shot is not None:
-        run.append_metrics({"step": 0, **{f"eval_{k}": v for k, v in zero_shot.items()}})
+        run.append_metrics({"step": 0, **prefixed(EVAL, zero_shot)})
 
     steps = cfg.train.steps
     seeds = step_seeds(cfg.run.seed, 0, 0, steps)
@@ -73,7 +74,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
         evaluated = (step + 1) % every == 0 or step + 1 == steps
         if evaluated:
             last = evaluate()
-            record.update({f"eval_{k}": v for k, v in last.items()})
+            record.update(prefixed(EVAL, last))
         run.append_metrics(record)  # before the checkpoint: a checkpoint's step always has its line
         if evaluated:
             run.save_checkpoint(*checkpoint.pack({"values": values}, {"step": step + 1, "pointer": pointer.state(),
@@ -94,7 +95,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
         "density": float(mask.meta.get("density", 1.0)),
         "trainable_values": mask.size,
         "steps": steps,
-        **shell.summary_metrics(zero_shot, shell.final_metrics(rows, zero_shot)),
+        **shell.summary_metrics(data.scorer.primary_metric, zero_shot, shell.final_metrics(rows, zero_shot)),
         "first_train_loss": float(np.mean(losses[:10])) if losses else None,
         "last_train_loss": float(np.mean(losses[-10:])) if losses else None,
         "skipped_steps": skipped,

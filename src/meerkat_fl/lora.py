@@ -35,17 +35,20 @@ ADAPTER = "default"  # PEFT's adapter name; one adapter per model
 _INIT_TAG = 0x10_4A  # separates the adapter-init seeds from every other seed derived from the run seed
 
 
-def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """``nn.Linear`` modules inside the decoder blocks, by module name: where adapters may go.
-
-    Nothing outside the blocks: the label scorer reads ``lm_head``'s weight directly, so an adapter there
-    would not change the loss (its coordinates would only random-walk).
-    """
+def adaptable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """``nn.Linear`` modules adapters may go on, by module name: those inside the decoder blocks and the
+    output head (tasks score through the model's own forward, so an adapter on the head changes the loss),
+    unless the head shares its weight with the input embeddings: merging an adapter into a tied weight
+    (``meerkat export``) would change the embeddings too."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     blocks = getattr(decoder, "layers", None)
     if blocks is None:
         raise ConfigError("mask.kind='lora' needs a decoder with a `layers` list of blocks")
     inside = {id(m) for block in blocks for m in block.modules() if isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(head, torch.nn.Linear) and (embeddings is None or head.weight is not embeddings.weight):
+        inside.add(id(head))
     return {name: m for name, m in model.named_modules() if id(m) in inside}
 
 
@@ -54,7 +57,7 @@ def resolve_targets(model: torch.nn.Module, targets: Sequence[str]) -> list[str]
     a target equal to its name or to a dotted suffix of it). ConfigError for a target that matches nothing."""
     if isinstance(targets, str) or not targets:
         raise ConfigError(f"lora.targets: must be a non-empty list of module names, got {targets!r}")
-    linears = list(decoder_linears(model))
+    linears = list(adaptable_linears(model))
     chosen: list[str] = []
     for target in targets:
         if not isinstance(target, str) or not target.strip("."):
@@ -62,7 +65,7 @@ def resolve_targets(model: torch.nn.Module, targets: Sequence[str]) -> list[str]
         matched = [name for name in linears if name == target or name.endswith("." + target)]
         if not matched:
             known = sorted({name.rsplit(".", 1)[-1] for name in linears})
-            raise ConfigError(f"lora.targets: {target!r} matches no linear module in the decoder blocks "
+            raise ConfigError(f"lora.targets: {target!r} matches no linear module in the decoder blocks or an untied head "
                               f"(they are named {', '.join(known)})")
         chosen.extend(m for m in matched if m not in chosen)
     return sorted(chosen, key=linears.index)

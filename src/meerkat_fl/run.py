@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from meerkat_fl import rundir
 from meerkat_fl.config import Config
 from meerkat_fl.errors import ConfigError
 from meerkat_fl.rundir import CHECKPOINT, RunDir
 
 ZERO_SHOT = "zero_shot.json"
-EVAL_PREFIX = "eval_"
 # What a run leaves in its folder: refused as the target of a new run unless overwritten.
 RUN_FILES = ("config.toml", "metrics.jsonl", CHECKPOINT, "summary.json", ZERO_SHOT, "patch.safetensors",
              "gradip.jsonl", "partition.json", "partition.txt", "environment.json")
@@ -60,28 +60,35 @@ def begin(run: RunDir, *, resumed_round: int | None, evaluate: Callable[[], dict
     for name in logs:
         run.truncate_metrics(-1 if resumed_round is None else resumed_round, key=step_key, name=name)
     if resumed_round is not None:  # never re-evaluate: the model now holds trained values
-        return _metrics(run.read_json(ZERO_SHOT), "zero_shot_") if (run.path / ZERO_SHOT).exists() else None
+        if not (run.path / ZERO_SHOT).exists():
+            return None
+        saved = run.read_json(ZERO_SHOT)  # "zero_shot/<name>"; "zero_shot_<name>" in folders from before
+        return _metrics(saved, rundir.ZERO_SHOT + "/") or _metrics(saved, "zero_shot_") or None
     zero_shot = evaluate() if evaluate is not None else None
-    run.write_json(ZERO_SHOT, {f"zero_shot_{k}": v for k, v in (zero_shot or {}).items()})
+    run.write_json(ZERO_SHOT, rundir.prefixed(rundir.ZERO_SHOT, zero_shot))
     return zero_shot
 
 
 def final_metrics(rows: list[dict[str, Any]], zero_shot: Mapping[str, float] | None) -> dict[str, float] | None:
     """The last evaluation in the metric lines (the zero-shot when no round was evaluated)."""
     for row in reversed(rows):
-        found = _metrics(row, EVAL_PREFIX)
+        found = _metrics(row, rundir.EVAL + "/")
         if found:
             return found
     return dict(zero_shot) if zero_shot else None
 
 
-def summary_metrics(zero_shot: Mapping[str, float] | None, final: Mapping[str, float] | None) -> dict[str, Any]:
-    """``zero_shot_<name>`` and ``final_eval_<name>`` keys of a summary (None when not evaluated)."""
-    names = sorted(set(zero_shot or {}) | set(final or {})) or ["accuracy"]
-    out: dict[str, Any] = {}
+def summary_metrics(
+    primary_metric: str, zero_shot: Mapping[str, float] | None, final: Mapping[str, float] | None
+) -> dict[str, Any]:
+    """A summary's metric keys: ``primary_metric`` (what plots show), ``zero_shot/<name>`` and ``final/<name>``
+    (None when not evaluated)."""
+    names = sorted(set(zero_shot or {}) | set(final or {}) | {primary_metric})
+    out: dict[str, Any] = {"primary_metric": primary_metric}
     for name in names:
-        out[f"zero_shot_{name}"] = (zero_shot or {}).get(name)
-        out[f"final_{EVAL_PREFIX}{name}"] = (final or {}).get(name)
+        out[f"{rundir.ZERO_SHOT}/{name}"] = (zero_shot or {}).get(name)
+    for name in names:
+        out[f"{rundir.FINAL}/{name}"] = (final or {}).get(name)
     return out
 
 

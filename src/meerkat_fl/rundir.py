@@ -23,6 +23,42 @@ from meerkat_fl.errors import ConfigError, DataError
 CHECKPOINT = "checkpoint.safetensors"
 ENVIRONMENT = "environment.json"
 
+# Metrics are logged by the names the task's evaluate() gives them, under a prefix saying when they were
+# taken: "eval/<name>" in metrics.jsonl, "zero_shot/<name>" and "final/<name>" in summary.json, whose
+# "primary_metric" names the one plots and tables show.
+EVAL, ZERO_SHOT, FINAL = "eval", "zero_shot", "final"
+# Run folders written before metrics had names (and the paper cache) hold one metric under these keys.
+_LEGACY = {EVAL: "eval_{}", ZERO_SHOT: "zero_shot_{}", FINAL: "final_eval_{}"}
+
+
+def prefixed(prefix: str, metrics: dict[str, float] | None) -> dict[str, float]:
+    """``{"accuracy": a}`` -> ``{"<prefix>/accuracy": a}``; None -> {}."""
+    return {f"{prefix}/{name}": value for name, value in (metrics or {}).items()}
+
+
+def unprefixed(prefix: str, record: dict[str, Any]) -> dict[str, float]:
+    """The metrics stored under ``<prefix>/`` in a record, by bare name."""
+    head = prefix + "/"
+    return {key[len(head):]: value for key, value in record.items() if key.startswith(head)}
+
+
+def read_metric(record: dict[str, Any], prefix: str, name: str) -> float | None:
+    """``record["<prefix>/<name>"]``, or the pre-naming key of old run folders (e.g. ``final_eval_accuracy``)."""
+    key = f"{prefix}/{name}"
+    return record[key] if key in record else record.get(_LEGACY[prefix].format(name))
+
+
+def primary_metric(summary: dict[str, Any], task: str | None = None) -> str:
+    """The metric a run's plots show: its summary's ``primary_metric``, else that of its task (by name)."""
+    if "primary_metric" in summary:
+        return summary["primary_metric"]
+    from meerkat_fl.tasks import get_task  # old run folders: ask the task
+
+    name = task or summary.get("task")
+    if name is None:
+        raise ConfigError("cannot tell which metric to show: the summary names no primary_metric and no task")
+    return get_task(name).primary_metric
+
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")

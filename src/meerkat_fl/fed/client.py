@@ -16,7 +16,7 @@ from meerkat_fl.fed.messages import ClientUpdate, RoundPlan
 from meerkat_fl.fed.seedpool import PoolModel, check_pool_seeds
 from meerkat_fl.fed.state import ClientState
 from meerkat_fl.local import DataPointer, local_train
-from meerkat_fl.tasks import EncodedData, LabelScorer
+from meerkat_fl.tasks import EncodedSplit, Scorer
 from meerkat_fl.zo import MaskedParams
 
 
@@ -25,8 +25,8 @@ class ClientRuntime:
     """What a client borrows to train: the shared model (through its mask), the scorer and the data."""
 
     params: MaskedParams
-    scorer: LabelScorer
-    train: EncodedData
+    scorer: Scorer
+    train: EncodedSplit
     initial_values: torch.Tensor  # the base model's masked values: every client's starting point
 
 

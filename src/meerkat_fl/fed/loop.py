@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from meerkat_fl.fed.server import RoundResult, Server
 from meerkat_fl.fed.transport import Transport
+from meerkat_fl.rundir import EVAL, prefixed
 
 Metrics = dict[str, float]
 
@@ -57,7 +58,7 @@ def run_rounds(
         record = round_record(result, time.perf_counter() - tic)
         if done % every == 0 or done == rounds:
             last_eval = evaluate()
-            record.update({f"eval_{name}": value for name, value in last_eval.items()})
+            record.update(prefixed(EVAL, last_eval))
         record.update(getattr(transport, "round_metrics", dict)())  # e.g. Flower's wire bytes per round
         log(record)
         if done % checkpoint_every == 0 or done == rounds:

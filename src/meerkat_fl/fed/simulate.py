@@ -33,7 +33,7 @@ __all__ = ["ClientSide", "Federation", "build_client_side", "build_federation", 
 def evaluate(fed: Federation) -> dict[str, float]:
     """The task's metrics for the server's current values (written into the shared model)."""
     fed.params.write(fed.server.values)
-    return {"accuracy": fed.data.scorer.accuracy(fed.data.test, batch_size=fed.cfg.task.eval_batch_size)}
+    return fed.data.scorer.evaluate(fed.data.test, batch_size=fed.cfg.task.eval_batch_size)
 
 
 def save_checkpoint(run: RunDir, fed: Federation, wall: float) -> None:
@@ -114,7 +114,7 @@ def simulate(
         "partition": cfg.fed.partition,
         "downlink": cfg.fed.downlink,
         "seed_pool": cfg.fedkseed.pool_size,
-        **shell.summary_metrics(zero_shot, shell.final_metrics(rows, zero_shot)),
+        **shell.summary_metrics(fed.data.scorer.primary_metric, zero_shot, shell.final_metrics(rows, zero_shot)),
         "bytes_up_per_round": float(np.mean([r["bytes_up"] for r in rows])) if rows else 0.0,
         "bytes_down_per_round": float(np.mean([r["bytes_down"] for r in rows])) if rows else 0.0,
         "bytes_total": int(sum(r["bytes_up"] + r["bytes_down"] for r in rows)),

@@ -1,4 +1,4 @@
-"""Classification tasks as language-model scoring: templates, verbalizers, loaders, registry, scorer."""
+"""Tasks: the Task protocol; classification as language-model scoring (templates, verbalizers, loaders); registry."""
 
 from meerkat_fl.tasks import glue as _glue  # noqa: F401  (registers the GLUE / SuperGLUE tasks)
 from meerkat_fl.tasks import text_classification as _text  # noqa: F401  (registers the others)
@@ -6,13 +6,19 @@ from meerkat_fl.tasks.base import (
     Batch,
     ClassificationData,
     EncodedData,
-    LabelScorer,
+    answer_logits,
+    classification_loss,
+    classification_metrics,
     encode,
+    label_logits,
     label_token_ids,
+    predict,
 )
 from meerkat_fl.tasks.loaders import Examples, load_file, read_examples
+from meerkat_fl.tasks.protocol import EncodedSplit, Scorer, Split, TaskProtocol
 from meerkat_fl.tasks.registry import get_task, list_tasks, register
 from meerkat_fl.tasks.sources import FileSource, HubSource, SplitSource
+from meerkat_fl.tasks.synthetic import SyntheticTask  # registers "synthetic" (generated, no files)
 from meerkat_fl.tasks.task import HOLDOUT_SEED, HOLDOUT_TEST_FRACTION, PromptTemplate, Task, holdout_indices
 
 __all__ = [
@@ -21,19 +27,28 @@ __all__ = [
     "Batch",
     "ClassificationData",
     "EncodedData",
+    "EncodedSplit",
     "Examples",
     "FileSource",
     "HubSource",
-    "LabelScorer",
     "PromptTemplate",
+    "Scorer",
+    "Split",
     "SplitSource",
+    "SyntheticTask",
     "Task",
+    "TaskProtocol",
+    "answer_logits",
+    "classification_loss",
+    "classification_metrics",
     "encode",
     "get_task",
     "holdout_indices",
+    "label_logits",
     "label_token_ids",
     "list_tasks",
     "load_file",
+    "predict",
     "read_examples",
     "register",
 ]

@@ -1,7 +1,9 @@
-"""Classification as language-model scoring: prompt data, tokenised data, batches and the label scorer.
+"""Classification as language-model scoring: prompt data, tokenised data, batches and the label scoring.
 
 A task turns each example into a prompt that ends right before the answer; the model's next-token
-scores for the task's label words (the verbalizer) are the class logits, as in MeZO.
+scores for the task's label words (the verbalizer) are the class logits, as in MeZO. The scores are the
+model's own logits (its output head and whatever it applies after, such as Gemma-2's soft-capping),
+computed at the answer position only.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ class ClassificationData:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @property
+    def partition_labels(self) -> np.ndarray:
+        """The class of each row: what partitioners split on."""
+        return self.labels
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> ClassificationData:
         """The rows at `indices`, in that order (same source)."""
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -49,6 +56,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
     last_index: torch.Tensor  # [B] int64, position of the last real token
     labels: torch.Tensor  # [B] int64
+    label_token_ids: torch.Tensor  # [C] int64, the token of each label word (column c is class c)
 
 
 @dataclass
@@ -58,6 +66,7 @@ class EncodedData:
     token_ids: list[list[int]]
     labels: np.ndarray  # int64, shape [N]
     pad_id: int
+    label_token_ids: tuple[int, ...]  # the single token of each label word, index = label
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -67,6 +76,11 @@ class EncodedData:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def partition_labels(self) -> np.ndarray:
+        """The class of each row: what partitioners split on."""
+        return self.labels
+
     def lengths(self) -> np.ndarray:
         """Number of tokens of each prompt, int64 [N]."""
         return np.array([len(ids) for ids in self.token_ids], dtype=np.int64)
@@ -74,7 +88,7 @@ class EncodedData:
     def subset(self, indices: Sequence[int] | np.ndarray) -> EncodedData:
         """The rows at `indices`, in that order (token lists are shared, not copied)."""
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return EncodedData([self.token_ids[i] for i in index], self.labels[index], self.pad_id)
+        return EncodedData([self.token_ids[i] for i in index], self.labels[index], self.pad_id, self.label_token_ids)
 
     def batch(self, indices: Sequence[int] | np.ndarray, device: torch.device | str = "cpu") -> Batch:
         """Right-pad the rows at `indices` to their longest length and put them on `device`."""
@@ -90,8 +104,10 @@ class EncodedData:
             attention_mask[row, : len(ids)] = 1
         last_index = torch.tensor([len(ids) - 1 for ids in rows], dtype=torch.int64)
         labels = torch.from_numpy(self.labels[index].copy())
+        label_token_ids = torch.tensor(self.label_token_ids, dtype=torch.int64)
         return Batch(
-            input_ids.to(device), attention_mask.to(device), last_index.to(device), labels.to(device)
+            input_ids.to(device), attention_mask.to(device), last_index.to(device), labels.to(device),
+            label_token_ids.to(device),
         )
 
 
@@ -105,13 +121,16 @@ def _special_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
-def encode(tokenizer: Any, data: ClassificationData, max_length: int = 128) -> EncodedData:
+def encode(
+    tokenizer: Any, data: ClassificationData, label_words: Sequence[str], max_length: int = 128
+) -> EncodedData:
     """Tokenise every prompt once: special prefix (BOS, if the tokenizer adds one) + text tokens.
 
     A prompt longer than `max_length` tokens loses tokens from the left of its text, so the template's
     tail (the cue right before the answer) survives. Special tokens a tokenizer would append (EOS) are
     left out on purpose: the last token must be the one that predicts the label word.
     """
+    answer_ids = tuple(label_token_ids(tokenizer, label_words))  # first: a bad verbalizer fails fast
     prefix = _special_prefix(tokenizer)
     if max_length <= len(prefix):
         raise ConfigError(
@@ -127,7 +146,7 @@ def encode(tokenizer: Any, data: ClassificationData, max_length: int = 128) -> E
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return EncodedData(token_ids, data.labels.copy(), int(pad_id))
+    return EncodedData(token_ids, data.labels.copy(), int(pad_id), answer_ids)
 
 
 def label_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[int]:
@@ -146,71 +165,87 @@ def label_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[int]:
     return ids
 
 
-class LabelScorer:
-    """Scores the label words at the answer position only.
+# transformers >= 5 slices hidden states per row with a 2-D integer `logits_to_keep` (slice_logits_to_keep);
+# older 4.x versions take only an int or a 1-D tensor of positions shared by every row.
+try:
+    from transformers.modeling_utils import slice_logits_to_keep as _per_row_slicing  # noqa: F401
 
-    The hidden state of the last real token times the lm_head rows of the label tokens (plus bias, if
-    any) gives [B, C] logits. The full-vocabulary logits are never computed. Works for Llama-style
-    Hugging Face causal LMs whose decoder output is already final-normed and whose logits are the plain
-    lm_head projection. The model's train/eval mode is left as the caller set it.
+    PER_ROW_POSITIONS = True
+except ImportError:  # pragma: no cover - depends on the installed transformers
+    PER_ROW_POSITIONS = False
+
+
+def answer_logits(model: Any, batch: Batch, *, per_row: bool | None = None) -> torch.Tensor:
+    """The model's own next-token logits at each row's answer position (`last_index`), [B, V].
+
+    The model's forward computes them (its output head and any post-processing, e.g. Gemma-2's final
+    soft-capping), but only at the answer positions: `logits_to_keep` stops it from projecting every
+    position onto the vocabulary. `per_row=False` asks for the distinct answer positions of the batch for
+    every row and picks each row's own (what transformers 4.x supports; more head rows, same values).
     """
+    per_row = PER_ROW_POSITIONS if per_row is None else per_row
+    last = batch.last_index.to(batch.input_ids.device)
+    rows = torch.arange(len(last), device=last.device)
+    if per_row:
+        keep, pick = last[:, None], torch.zeros_like(last)
+    else:
+        keep, pick = torch.unique(last, return_inverse=True)
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=keep
+    ).logits
+    if logits.ndim != 3 or logits.shape[:2] != (len(last), keep.shape[-1]):
+        raise ConfigError(
+            f"the model returned logits of shape {tuple(logits.shape)} for logits_to_keep of shape "
+            f"{tuple(keep.shape)}; it does not support per-position logits"
+        )
+    return logits[rows, pick]
 
-    def __init__(self, model: Any, tokenizer: Any, label_words: Sequence[str]) -> None:
-        if len(label_words) < 2:
-            raise ConfigError(f"need at least two label words, got {list(label_words)}")
-        self.model = model
-        self.label_words = tuple(label_words)
-        self.label_ids = label_token_ids(tokenizer, label_words)
 
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_ids)
+def label_logits(model: Any, batch: Batch) -> torch.Tensor:
+    """The logits of the label words at each row's answer position, float32 [B, C]."""
+    logits = answer_logits(model, batch)
+    return logits[:, batch.label_token_ids.to(logits.device)].float()
 
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
-    @torch.no_grad()
-    def label_logits(self, batch: Batch) -> torch.Tensor:
-        """Label-word logits at each row's answer position, float32 [B, C]."""
-        get_decoder = getattr(self.model, "get_decoder", None)
-        decoder = get_decoder() if get_decoder is not None else self.model.model
-        hidden = decoder(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        answer = hidden[rows, batch.last_index.to(hidden.device)].float()  # [B, H]
-        head = self.model.get_output_embeddings()
-        label_ids = torch.tensor(self.label_ids, device=head.weight.device)
-        logits = answer @ head.weight[label_ids].float().T  # [B, C]
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[label_ids].float()
-        return logits
+@torch.no_grad()
+def classification_loss(model: Any, batch: Batch) -> float:
+    """Mean cross-entropy of the true label over the C label-word logits (nats)."""
+    logits = label_logits(model, batch)
+    return float(F.cross_entropy(logits, batch.labels.to(logits.device)))
 
-    def loss(self, batch: Batch) -> float:
-        """Mean cross-entropy of the true label over the C label logits (nats)."""
-        logits = self.label_logits(batch)
-        return float(F.cross_entropy(logits, batch.labels.to(logits.device)))
 
-    def predict(
-        self, data: EncodedData, batch_size: int = 32, device: torch.device | str | None = None
-    ) -> np.ndarray:
-        """Argmax label of every row, int64 [N], in the data's order (batches are cut by length)."""
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        target = self._device() if device is None else torch.device(device)
-        order = np.argsort(data.lengths(), kind="stable")
-        predictions = np.empty(len(data), dtype=np.int64)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            logits = self.label_logits(data.batch(chunk, device=target))
-            predictions[chunk] = logits.argmax(dim=-1).cpu().numpy()
-        return predictions
+def _batches(data: EncodedData, batch_size: int, device: torch.device):
+    """(rows, batch) over the whole split, cut by length so rows of a batch pad little."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    order = np.argsort(data.lengths(), kind="stable")
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield chunk, data.batch(chunk, device=device)
 
-    def accuracy(
-        self, data: EncodedData, batch_size: int = 32, device: torch.device | str | None = None
-    ) -> float:
-        """Fraction of rows whose argmax label word is the true label, in [0, 1]."""
-        if len(data) == 0:
-            raise DataError("cannot compute accuracy on zero examples")
-        predictions = self.predict(data, batch_size=batch_size, device=device)
-        return float(np.mean(predictions == data.labels))
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def predict(model: Any, data: EncodedData, batch_size: int = 32) -> np.ndarray:
+    """Argmax label of every row, int64 [N], in the data's order."""
+    predictions = np.empty(len(data), dtype=np.int64)
+    for chunk, batch in _batches(data, batch_size, _device(model)):
+        predictions[chunk] = label_logits(model, batch).argmax(dim=-1).cpu().numpy()
+    return predictions
+
+
+@torch.no_grad()
+def classification_metrics(model: Any, data: EncodedData, batch_size: int = 32) -> dict[str, float]:
+    """{"accuracy": share of rows whose argmax label word is the true label, "loss": mean cross-entropy}."""
+    if len(data) == 0:
+        raise DataError("cannot evaluate on zero examples")
+    hits, total_loss = 0, 0.0
+    for _, batch in _batches(data, batch_size, _device(model)):
+        logits = label_logits(model, batch)
+        labels = batch.labels.to(logits.device)
+        hits += int((logits.argmax(dim=-1) == labels).sum())
+        total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+    return {"accuracy": hits / len(data), "loss": total_loss / len(data)}

@@ -1,14 +1,15 @@
-"""Task registry: name -> Task. The built-in tasks register themselves when the package is imported."""
+"""Task registry: name -> task (anything implementing TaskProtocol). The built-in tasks register themselves
+when the package is imported."""
 
 from __future__ import annotations
 
 from meerkat_fl.errors import ConfigError
-from meerkat_fl.tasks.task import Task
+from meerkat_fl.tasks.protocol import TaskProtocol
 
-_TASKS: dict[str, Task] = {}
+_TASKS: dict[str, TaskProtocol] = {}
 
 
-def register(task: Task, *, replace: bool = False) -> Task:
+def register(task: TaskProtocol, *, replace: bool = False) -> TaskProtocol:
     """Add `task` under `task.name`; ConfigError if the name is taken and `replace` is False."""
     if task.name in _TASKS and not replace:
         raise ConfigError(f"task {task.name!r} is already registered; pass replace=True to override it")
@@ -16,7 +17,7 @@ def register(task: Task, *, replace: bool = False) -> Task:
     return task
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str) -> TaskProtocol:
     """The registered task called `name`, or whose Hugging Face dataset is `name` ("org/name" or
     "org/name:config", e.g. "nyu-mll/glue:sst2"); ConfigError listing the known names otherwise."""
     if name in _TASKS:
@@ -26,14 +27,14 @@ def get_task(name: str) -> Task:
     raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
 
 
-def _task_of_hub_dataset(hub_id: str) -> Task:
+def _task_of_hub_dataset(hub_id: str) -> TaskProtocol:
     from meerkat_fl.tasks.hub import parse_hub_id
 
     dataset, config = parse_hub_id(hub_id)
     matches = {
         task.name
         for task in _TASKS.values()
-        for source in task.sources.values()
+        for source in getattr(task, "sources", {}).values()  # tasks read from files or the hub have sources
         if source.hub is not None and source.hub.name == dataset and config in (None, source.hub.config)
     }
     if len(matches) == 1:

@@ -13,12 +13,20 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
 from meerkat_fl.data import BUNDLED_DATA_DIR
 from meerkat_fl.errors import ConfigError, DataError
-from meerkat_fl.tasks.base import ClassificationData
+from meerkat_fl.tasks.base import (
+    Batch,
+    ClassificationData,
+    EncodedData,
+    classification_loss,
+    classification_metrics,
+    encode,
+)
 from meerkat_fl.tasks.hub import is_saved_dataset, parse_hub_id, read_hub, read_saved
 from meerkat_fl.tasks.loaders import Examples, label_decoder, read_examples
 from meerkat_fl.tasks.sources import FileSource, HubSource, SplitSource
@@ -72,7 +80,13 @@ class PromptTemplate:
 
 @dataclass(frozen=True)
 class Task:
-    """A classification task scored by the language model's next-token logits of the label words."""
+    """A classification task scored by the language model's next-token logits of the label words.
+
+    Implements the Task protocol (tasks/protocol.py): metrics "accuracy" (primary) and "loss"; rows are
+    partitioned by their class.
+    """
+
+    primary_metric: ClassVar[str] = "accuracy"
 
     name: str
     label_words: tuple[str, ...]  # one single-token word per label, e.g. (" terrible", " great")
@@ -171,6 +185,18 @@ class Task:
         if known is not None:
             return replace(known, name=name, config=config)
         return HubSource(name, config, split, {field: field for field in self.text_fields})
+
+    def encode(self, tokenizer: Any, data: ClassificationData, max_length: int = 128) -> EncodedData:
+        """Token ids of every prompt (see base.encode) and of the label words (each must be one token)."""
+        return encode(tokenizer, data, self.label_words, max_length)
+
+    def loss(self, model: Any, batch: Batch) -> float:
+        """Mean cross-entropy of the true label over the label-word logits at the answer position (nats)."""
+        return classification_loss(model, batch)
+
+    def evaluate(self, model: Any, data: EncodedData, batch_size: int = 32) -> dict[str, float]:
+        """{"accuracy", "loss"} of `model` on `data` (see base.classification_metrics)."""
+        return classification_metrics(model, data, batch_size)
 
     def _read_file(self, spec: FileSource, file_path: Path) -> Examples:
         decode = label_decoder(self.num_labels, self.label_names, self.label_words, spec.label_map)

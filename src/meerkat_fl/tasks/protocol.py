@@ -1,0 +1,81 @@
+"""The Task protocol: all that training, federation, run folders and plots need from a task.
+
+A task reads a split (`load`), tokenises it once (`encode`), scores a batch (`loss`, the only thing the
+zeroth-order core sees) and evaluates a split (`evaluate`, metrics by name). `primary_metric` names the
+metric that plots and tables show. `partition_labels` of a split are what a partitioner splits clients on:
+the class for classification, a category for generation. Classification (tasks/task.py) implements it;
+a generation task implements the same five members. Nothing above tasks/ names a task's metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+
+@runtime_checkable
+class Split(Protocol):
+    """Rows of one split, raw (prompts) or encoded (token ids); sliced by row index."""
+
+    @property
+    def partition_labels(self) -> np.ndarray:
+        """int64 [N]: the label each row is partitioned by (class or category index)."""
+        ...
+
+    def __len__(self) -> int: ...
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> Split: ...
+
+
+@runtime_checkable
+class EncodedSplit(Split, Protocol):
+    """A tokenised split that cuts batches for `Task.loss`."""
+
+    def batch(self, indices: Sequence[int] | np.ndarray, device: torch.device | str = "cpu") -> Any: ...
+
+
+@runtime_checkable
+class TaskProtocol(Protocol):
+    """What every task kind implements (see the module doc)."""
+
+    name: str
+    primary_metric: str  # a key of evaluate()'s result, e.g. "accuracy"
+
+    def load(self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None) -> Split:
+        """The rows of `split` (e.g. "train", "test"), from a file `path`, a data folder, or elsewhere."""
+        ...
+
+    def encode(self, tokenizer: Any, data: Split, max_length: int) -> EncodedSplit:
+        """Tokenise every row once, at most `max_length` tokens each."""
+        ...
+
+    def loss(self, model: Any, batch: Any) -> float:
+        """The batch's mean loss under `model` (nats); no gradient is taken."""
+        ...
+
+    def evaluate(self, model: Any, data: EncodedSplit, batch_size: int = 32) -> dict[str, float]:
+        """Metrics of `model` on `data` by name; includes `primary_metric`."""
+        ...
+
+
+@dataclass
+class Scorer:
+    """A task bound to a model: the loss and evaluation calls the training code makes."""
+
+    task: TaskProtocol
+    model: Any
+
+    @property
+    def primary_metric(self) -> str:
+        return self.task.primary_metric
+
+    def loss(self, batch: Any) -> float:
+        return self.task.loss(self.model, batch)
+
+    def evaluate(self, data: EncodedSplit, batch_size: int = 32) -> dict[str, float]:
+        return self.task.evaluate(self.model, data, batch_size)
