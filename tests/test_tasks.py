@@ -23,6 +23,8 @@ from meerkat_fl.tasks import (
     list_tasks,
     load_file,
 )
+from meerkat_fl.tasks.protocol import TaskProtocol
+from meerkat_fl.tasks.synthetic import SENTIMENT
 
 # The real datasets, found as conftest's data_dir fixture finds them.
 DATA_DIR = Path(os.environ.get("MEERKAT_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -213,3 +215,24 @@ def test_subset_keeps_rows_in_given_order(tokenizer, data):
     assert picked.prompts == [data.prompts[3], data.prompts[0]] and picked.labels.tolist() == [1, 1]
     encoded = encode(tokenizer, data, WORDS)
     assert encoded.subset([3, 0]).token_ids == [encoded.token_ids[3], encoded.token_ids[0]]
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_every_registered_task_implements_the_protocol(name):
+    task = get_task(name)
+    assert isinstance(task, TaskProtocol) and task.primary_metric == "accuracy"
+    assert len(task.partition_names) == task.num_labels
+
+
+def test_synthetic_task_is_generated_the_same_every_time_with_a_label_signal():
+    task = get_task("synthetic")
+    train, again, test = task.load("train"), task.load("train"), task.load("test")
+    assert train.prompts == again.prompts and np.array_equal(train.labels, again.labels)
+    assert (len(train), len(test)) == (2000, 500) and np.bincount(train.partition_labels).tolist() == [1000, 1000]
+    assert not set(train.prompts) & set(test.prompts[:50])
+    for prompt, label in zip(train.prompts[:200], train.labels[:200]):
+        words = prompt.lower().removesuffix(" it was").replace(".", "").split()
+        own, other = (sum(w in SENTIMENT[c] for w in words) for c in (label, 1 - label))
+        assert own >= 2 > other and prompt.endswith(". It was")
+    with pytest.raises(ConfigError, match="no split 'validation'"):
+        task.load("validation")

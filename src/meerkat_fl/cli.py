@@ -180,8 +180,8 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from meerkat_fl.build import subsample
 
     data = subsample(data, cfg.task.train_size, cfg.run.seed)
-    partition = partition_for(cfg, data.labels)
-    print(format_histogram(data.labels, partition, label_names=task.label_names))
+    partition = partition_for(cfg, data.partition_labels)
+    print(format_histogram(data.partition_labels, partition, label_names=task.partition_names))
     if args.out:
         save_partition(partition, args.out)
         print(f"wrote {args.out}")

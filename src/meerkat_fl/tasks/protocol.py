@@ -46,6 +46,11 @@ class TaskProtocol(Protocol):
     name: str
     primary_metric: str  # a key of evaluate()'s result, e.g. "accuracy"
 
+    @property
+    def partition_names(self) -> tuple[str, ...]:
+        """A name per partition label (index = label), for histograms."""
+        ...
+
     def load(self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None) -> Split:
         """The rows of `split` (e.g. "train", "test"), from a file `path`, a data folder, or elsewhere."""
         ...

@@ -126,6 +126,11 @@ class Task:
         return len(self.label_words)
 
     @property
+    def partition_names(self) -> tuple[str, ...]:
+        """Rows are partitioned by class: the class names."""
+        return self.label_names
+
+    @property
     def splits(self) -> list[str]:
         return list(self.sources)
 
