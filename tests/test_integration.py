@@ -55,5 +55,5 @@ def test_a_few_meerkat_rounds_raise_sst2_accuracy_over_zero_shot(smollm_mask, da
         "fed.num_clients=4", "fed.rounds=4", "fed.local_steps=5", "fed.alpha=0.5", "run.eval_every=4",
     ])
     summary = simulate(cfg, tmp_path, progress=False)
-    assert summary["final_eval_accuracy"] > summary["zero_shot_accuracy"] + 0.03, summary
+    assert summary["final/accuracy"] > summary["zero_shot/accuracy"] + 0.03, summary
     assert summary["bytes_up_per_round"] < 4 * 300  # 4 clients x (5 scalars + 5 losses + header)

@@ -80,7 +80,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
             run.save_checkpoint(*checkpoint.pack({"values": values}, {"step": step + 1, "pointer": pointer.state(),
                                                                       "skipped": skipped}, {}, flatten(cfg), {}))
         bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.4f}", **{k: f"{v:.3f}" for k, v in (last or {}).items()})
+        bar.set_postfix(loss=f"{result.loss:.4f}", **{k: f"{v:.3f}" for k, v in prefixed(EVAL, last).items()})
     bar.close()
     if skipped:
         log.warning("%d of %d steps were skipped because the loss was not finite", skipped, steps)

@@ -65,7 +65,7 @@ def run_rounds(
             checkpoint()
         bar.update(1)
         bar.set_postfix(loss=f"{result.train_loss:.4f}" if result.train_loss is not None else "-",
-                        **{k: f"{v:.3f}" for k, v in (last_eval or {}).items()})
+                        **{k: f"{v:.3f}" for k, v in prefixed(EVAL, last_eval).items()})
     bar.close()
     if server.round < rounds and server.round % checkpoint_every:  # stopped early: resume continues from here
         checkpoint()
