@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
-def paper(tmp_path, monkeypatch, data_dir):
+def paper(tmp_path, monkeypatch):
     """benchmarks/paper.py with its cache, run folders and locks under tmp_path, on the tiny model."""
     spec = importlib.util.spec_from_file_location("paper_harness", REPO / "benchmarks" / "paper.py")
     module = importlib.util.module_from_spec(spec)
@@ -39,11 +39,11 @@ def paper(tmp_path, monkeypatch, data_dir):
         "run.checkpoint_every=1", "mask.calibration_sequences=4", "mask.calibration_seq_len=32",
     ])
     monkeypatch.setattr(module, "CLAIMS", {"1": (["meerkat", "random"], ["base"], "tiny claim")})
-    monkeypatch.setenv("MEERKAT_DATA_DIR", data_dir)
     return module
 
 
-def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache(paper, monkeypatch):
+def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache(paper, monkeypatch, data_dir):
+    monkeypatch.setenv("MEERKAT_DATA_DIR", data_dir)  # real SST-2 cells, sensitive masks from WikiText
     data = paper.collect(["sst2"], ["1"], [0, 1, 2], run=True)
     assert data["pending"] == []
     cells = sorted(p.stem for p in paper.CELLS.glob("*.json"))
