@@ -79,8 +79,9 @@ class LoraConfig:
 
     rank: int = 8
     alpha: float = 16.0  # scaling alpha / rank
-    # Decoder-block linears to adapt, by module name or dotted suffix (PEFT's target_modules) [choice: q and v,
-    # as MeZO's LoRA runs and LoRA-FedZO use]. Llama-style names: q_proj k_proj v_proj o_proj gate_proj ...
+    # Decoder-block linears (or an untied lm_head) to adapt, by module name or dotted suffix (PEFT's
+    # target_modules) [choice: q and v, as MeZO's LoRA runs and LoRA-FedZO use]. Llama-style names: q_proj k_proj
+    # v_proj o_proj gate_proj ...
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     # Kept in the adapter config; ZO forward passes run in eval mode (as MeZO's do: both points of a two-point
     # step must be the same function), so dropout never applies while meerkat trains.
