@@ -94,7 +94,7 @@ def test_demo_config_runs_a_short_round_on_the_shipped_data_alone(tmp_path, monk
         run = tmp_path / "demo" / name
         summary = json.loads((run / "summary.json").read_text())
         assert summary["task"] == "dbpedia" and summary["rounds"] == 1
-        assert 0.0 <= summary["final_eval_accuracy"] <= 1.0 and summary["bytes_total"] > 0
+        assert 0.0 <= summary["final/accuracy"] <= 1.0 and summary["bytes_total"] > 0
         assert summary["environment"]["versions"]["torch"]
         assert config.load(run / "config.toml").task.data_dir is None
     assert result["summaries"]["meerkat"]["mask_kind"] == "sensitive"

@@ -49,7 +49,8 @@ def test_tune_cli_picks_the_best_on_validation_and_writes_its_config(tmp_path, m
     assert main(args) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "tune.json").read_text())
-    scores = [p["final_eval_accuracy"] for p in result["points"]]
+    scores = [p["score"] for p in result["points"]]
+    assert result["metric"] == "accuracy"
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
     assert result["best"] == result["points"][scores.index(max(scores))]["point"]
     for entry in result["points"]:

@@ -21,14 +21,15 @@ from typing import Any
 from meerkat_fl import config
 from meerkat_fl.config import Config
 from meerkat_fl.errors import ConfigError
-from meerkat_fl.rundir import RunDir
+from meerkat_fl.rundir import FINAL, ZERO_SHOT, RunDir, primary_metric, read_metric
 
 log = logging.getLogger(__name__)
 
 # [choice] x{1/4, 1/2, 1, 2, 4} around the centre: the paper grid (BENCHMARKS.md) found a method's stable lr
 # within a factor of a few of its preset, and that lr shrinks with density, so the centre is what moves.
 DEFAULT_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
-SCORE = "final_eval_accuracy"  # on task.eval_split=validation, which tune forces
+# A point's score: its run's primary metric (e.g. accuracy) at the end, on task.eval_split=validation, which
+# tune forces.
 Runner = Callable[..., dict[str, Any]]  # simulate / finetune: (cfg, out, *, resume, progress) -> summary
 
 
@@ -91,8 +92,16 @@ class PointResult:
     summary: dict[str, Any]
 
     @property
+    def metric(self) -> str | None:
+        return primary_metric(self.summary) if self.summary else None
+
+    def value(self, when: str = FINAL) -> float | None:
+        """The primary metric at the end (``FINAL``) or before training (``ZERO_SHOT``)."""
+        return read_metric(self.summary, when, self.metric) if self.summary else None
+
+    @property
     def score(self) -> float:
-        value = self.summary.get(SCORE)
+        value = self.value()
         return float("-inf") if value is None else float(value)
 
 
@@ -138,26 +147,28 @@ def tune(
     best = max(results, key=lambda result: result.score)  # ties: the first in grid order
     (out / "best.toml").write_text(config.to_toml(config.validate(config.apply_overrides(base, best.point))))
     RunDir(out).write_json("tune.json", {
-        "grid": grid, "score": f"{SCORE} on task.eval_split=validation", "best": best.point,
-        "points": [{"point": r.point, "folder": str(r.folder), "status": r.status, SCORE: r.summary.get(SCORE),
-                    "zero_shot_accuracy": r.summary.get("zero_shot_accuracy"),
-                    "wall_seconds": r.summary.get("wall_seconds")} for r in results],
+        "grid": grid, "score": f"final {best.metric} on task.eval_split=validation", "metric": best.metric,
+        "best": best.point,
+        "points": [{"point": r.point, "folder": str(r.folder), "status": r.status, "score": r.value(),
+                    "zero_shot": r.value(ZERO_SHOT), "wall_seconds": r.summary.get("wall_seconds")}
+                   for r in results],
     })
     (out / "tune.md").write_text(table(results) + "\n", encoding="utf-8")
     return results
 
 
 def table(results: Sequence[PointResult]) -> str:
-    """A Markdown table of the points: overrides, validation accuracy (zero-shot, final), status; best marked."""
+    """A Markdown table of the points: overrides, the validation primary metric (zero-shot, final), status; best
+    marked."""
     best = max(results, key=lambda result: result.score)
     keys = list(results[0].point)
     fmt = lambda value: "-" if value is None else f"{value:.4f}"
-    lines = ["| " + " | ".join([*keys, "val. zero-shot", "val. accuracy", "status", ""]) + " |",
+    lines = ["| " + " | ".join([*keys, "val. zero-shot", f"val. {best.metric}", "status", ""]) + " |",
              "|" + "---|" * (len(keys) + 4)]
     for result in results:
         values = [f"{v:g}" if isinstance(v, float) else str(v) for v in result.point.values()]
-        lines.append("| " + " | ".join([*values, fmt(result.summary.get("zero_shot_accuracy")),
-                                        fmt(result.summary.get(SCORE)), result.status,
+        lines.append("| " + " | ".join([*values, fmt(result.value(ZERO_SHOT)),
+                                        fmt(result.value()), result.status,
                                         "best" if result is best else ""]) + " |")
     return "\n".join(lines)
 

@@ -51,8 +51,12 @@ class TaskProtocol(Protocol):
         """A name per partition label (index = label), for histograms."""
         ...
 
-    def load(self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None) -> Split:
-        """The rows of `split` (e.g. "train", "test"), from a file `path`, a data folder, or elsewhere."""
+    def load(
+        self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None,
+        hub: str | None = None,
+    ) -> Split:
+        """The rows of `split` (e.g. "train", "test"), from a file `path`, a data folder, a Hugging Face dataset
+        `hub`, or elsewhere (a task may ignore the sources it does not read)."""
         ...
 
     def encode(self, tokenizer: Any, data: Split, max_length: int) -> EncodedSplit:

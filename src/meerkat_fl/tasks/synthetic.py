@@ -37,11 +37,13 @@ class SyntheticTask(Task):
     sizes: tuple[tuple[str, int], ...] = (("train", 2000), ("test", 500))
 
     def load(
-        self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None
+        self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None,
+        hub: str | None = None,
     ) -> ClassificationData:
-        """Generated rows of `split`; an explicit file `path` is read like any task's (data_dir is unused)."""
-        if path is not None:
-            return super().load(split, path=path)
+        """Generated rows of `split`; a file `path` or a dataset `hub` is read like any task's (data_dir is
+        unused: nothing is looked up in a data folder)."""
+        if path is not None or hub is not None:
+            return super().load(split, path=path, hub=hub)
         sizes = dict(self.sizes)
         if split not in sizes:
             raise ConfigError(f"task {self.name!r} has no split {split!r}; known splits: {list(sizes)}")
