@@ -172,6 +172,10 @@ class LabelScorer:
     @torch.no_grad()
     def label_logits(self, batch: Batch) -> torch.Tensor:
         """Label-word logits at each row's answer position, float32 [B, C]."""
+        return self.label_logits_tensor(batch)
+
+    def label_logits_tensor(self, batch: Batch) -> torch.Tensor:
+        """``label_logits`` with autograd left as the caller set it (first-order training differentiates it)."""
         get_decoder = getattr(self.model, "get_decoder", None)
         decoder = get_decoder() if get_decoder is not None else self.model.model
         hidden = decoder(
@@ -186,10 +190,15 @@ class LabelScorer:
             logits = logits + head.bias[label_ids].float()
         return logits
 
+    @torch.no_grad()
     def loss(self, batch: Batch) -> float:
         """Mean cross-entropy of the true label over the C label logits (nats)."""
-        logits = self.label_logits(batch)
-        return float(F.cross_entropy(logits, batch.labels.to(logits.device)))
+        return float(self.loss_tensor(batch))
+
+    def loss_tensor(self, batch: Batch) -> torch.Tensor:
+        """``loss`` as a 0-d tensor, differentiable when the trainable tensors require grad (first order)."""
+        logits = self.label_logits_tensor(batch)
+        return F.cross_entropy(logits, batch.labels.to(logits.device))
 
     def predict(
         self, data: EncodedData, batch_size: int = 32, device: torch.device | str | None = None
