@@ -1,7 +1,6 @@
 """Server strategies (STYLE principle 2): one small module per method family, a protocol and a registry."""
 
 from meerkat_fl.fed.strategies.base import ClientInstructions, RoundOutcome, Strategy, UniformStrategy
-from meerkat_fl.fed.strategies.fedavg_fo import FedAvgFOStrategy, average_endpoints
 from meerkat_fl.fed.strategies.fedmezo import (
     FedMeZOStrategy,
     heterogeneity_index,
@@ -14,13 +13,11 @@ from meerkat_fl.fed.strategies.registry import STRATEGIES, make_strategy, strate
 __all__ = [
     "STRATEGIES",
     "ClientInstructions",
-    "FedAvgFOStrategy",
     "FedMeZOStrategy",
     "MeerkatVPStrategy",
     "RoundOutcome",
     "Strategy",
     "UniformStrategy",
-    "average_endpoints",
     "heterogeneity_index",
     "make_strategy",
     "model_diff_signals",
