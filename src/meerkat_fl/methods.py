@@ -70,7 +70,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # the lr that applies is fo.lr (backprop steps), not zo.lr: the preset below is fo.lr's default
     Method("fedavg_fo", "first-order upper bound: FedAvg of local backprop steps (fo.optimizer) on the same "
            "mask, masked deltas up", {"fed.strategy": "fedavg_fo", **_ZO}, {"mask.kind": "sensitive"},
-           downlinks=("values",), lr=1e-2, density=1.0, tuned=False,  # density 1: a backprop lr is not scaled
+           downlinks=("values",), lr=3e-3, density=1.0, tuned=False,  # density 1: a backprop lr is not scaled
            downlinks_why="a first-order path cannot be replayed from seeds and scalars"),
 )}
 
