@@ -201,3 +201,10 @@ def test_meerkat_run_method_fedavg_fo_from_the_command_line(data_dir, tmp_path):
                      "--set", "fed.rounds=1", "--out", str(tmp_path / "run")]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["method"] == "fedavg_fo" and summary["bytes_up_per_round"] > 4 * summary["trainable_values"] * summary["num_clients"]
+
+
+def test_a_zeroth_order_plan_keeps_its_bytes(tiny_cfg):
+    fed = build_federation(tiny_cfg)
+    plan = next(iter(fed.server.configure_round()[0].values()))
+    assert plan.estimator == "zo" and b"estimator" not in encode_plan(plan)
+    assert decode_plan(encode_plan(plan)).estimator == "zo"

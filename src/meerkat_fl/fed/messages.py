@@ -136,9 +136,10 @@ def encode_plan(plan: RoundPlan) -> bytes:
     header = {
         "round": plan.round, "client_id": plan.client_id, "lr": plan.lr, "eps": plan.eps,
         "batch_size": plan.batch_size, "synced_round": plan.synced_round, "pool_size": plan.pool_size,
-        "estimator": plan.estimator, "optimizer": plan.optimizer,
         "paths": [[p.round, p.client_id, p.weight, p.lr, int(p.seeds.size)] for p in plan.paths],
     }
+    if plan.estimator != "zo":  # only a first-order plan says so: zeroth-order plans keep their bytes
+        header.update(estimator=plan.estimator, optimizer=plan.optimizer)
     arrays = {"seeds": np.asarray(plan.seeds, dtype=np.int64)}
     if plan.values is not None:
         arrays["values"] = np.asarray(plan.values, dtype=np.float32)
