@@ -208,3 +208,10 @@ def test_a_zeroth_order_plan_keeps_its_bytes(tiny_cfg):
     plan = next(iter(fed.server.configure_round()[0].values()))
     assert plan.estimator == "zo" and b"estimator" not in encode_plan(plan)
     assert decode_plan(encode_plan(plan)).estimator == "zo"
+
+
+def test_tune_sweeps_the_first_order_lr():
+    from meerkat_fl.tune import default_center
+
+    assert default_center(config.load(None, ["method='fedavg_fo'"])) == {"fo.lr": config.FOConfig().lr}
+    assert default_center(config.load(None, ["method='fedavg_fo'", "fo.lr=1e-2"])) == {"fo.lr": 1e-2}

@@ -37,6 +37,7 @@ class Method:
     density: float = 1e-3  # the density the lr preset was tuned at (1.0: dense)
     tuned: bool = True  # False: the lr preset is a starting guess, not a tuned value (run `meerkat tune`)
     downlinks_why: str = ""  # why a downlink is unsupported, for the config error
+    lr_key: str = "zo.lr"  # the setting ``lr`` presets (and `meerkat tune` sweeps)
 
 
 _ZO = {"fedkseed.pool_size": 0, "fedkseed.sampling": "uniform"}
@@ -67,11 +68,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            {"fed.strategy": "meerkat", "fedkseed.sampling": "pro"},
            {"mask.kind": "dense", "fedkseed.pool_size": 4096}, downlinks=_POOL_DOWNLINKS, lr=2e-6, density=1.0,
            tuned=False),
-    # the lr that applies is fo.lr (backprop steps), not zo.lr: the preset below is fo.lr's default
-    Method("fedavg_fo", "first-order upper bound: FedAvg of local backprop steps (fo.optimizer) on the same "
+    Method("fedavg_fo", "first-order upper bound: FedAvg of local backprop steps (fo.optimizer, fo.lr) on the same "
            "mask, masked deltas up", {"fed.strategy": "fedavg_fo", **_ZO}, {"mask.kind": "sensitive"},
            downlinks=("values",), lr=3e-3, density=1.0, tuned=False,  # density 1: a backprop lr is not scaled
-           downlinks_why="a first-order path cannot be replayed from seeds and scalars"),
+           downlinks_why="a first-order path cannot be replayed from seeds and scalars", lr_key="fo.lr"),
 )}
 
 
