@@ -12,6 +12,11 @@ The client-count comparison runs the same setting with 10 and with 100 clients (
 peak RSS is what holding more clients costs. Goal: ratio <= 1.05.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/federated.py --json benchmarks/results/federated.json
+
+The first-order upper bound beside Meerkat (backprop's memory and the masked-delta uplink):
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/federated.py --methods meerkat fedavg_fo --no-clients \
+        --json benchmarks/results/federated_fo.json
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ METHODS = {
     "full_fedzo": FULL_FEDZO,
     "random_mask": ["mask.kind=random"],
     "magnitude_mask": ["mask.kind=magnitude"],
+    # the first-order upper bound: backprop on Meerkat's mask (fo.lr, fo.optimizer: the method's defaults)
+    "fedavg_fo": ["method='fedavg_fo'"],
 }
 DEFAULT_METHODS = ["meerkat", "full_fedzo"]
 CLIENT_COUNTS = (10, 100)
@@ -93,6 +100,19 @@ def method_row(name: str, child: dict) -> dict:
     }
 
 
+def clients_result(clients: list[dict]) -> dict:
+    peaks = [c["peak_rss_mb"] for c in clients]
+    return {
+        "counts": list(CLIENT_COUNTS),
+        "peak_rss_mb": peaks,
+        "built_rss_mb": [c["built_rss_mb"] for c in clients],
+        "seconds_per_round": [c["seconds_per_round"] for c in clients],
+        "ratio": peaks[1] / peaks[0],
+        "goal": GOAL_MEMORY_RATIO,
+        "met": peaks[1] / peaks[0] <= GOAL_MEMORY_RATIO,
+    }
+
+
 def print_table(result: dict) -> None:
     rows = result["methods"]
     base = next((r for r in rows if r["method"] == "meerkat"), rows[0])
@@ -105,6 +125,8 @@ def print_table(result: dict) -> None:
               f"{r['bytes_up_per_round']:>11,.0f}{r['bytes_down_per_round']:>14,.0f}{r['seconds_per_round']:>9.1f}"
               f"{r['seconds_per_round'] / base['seconds_per_round']:>10.2f}{r['peak_rss_mb']:>9.0f}")
     c = result["clients"]
+    if c is None:
+        return
     print(f"\npeak RSS during rounds: {CLIENT_COUNTS[0]} clients {c['peak_rss_mb'][0]:.0f} MB, "
           f"{CLIENT_COUNTS[1]} clients {c['peak_rss_mb'][1]:.0f} MB, ratio {c['ratio']:.3f} "
           f"(goal <= {GOAL_MEMORY_RATIO}: {'met' if c['ratio'] <= GOAL_MEMORY_RATIO else 'NOT met'})")
@@ -116,6 +138,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=DEFAULT_METHODS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every run (e.g. fed.rounds=4)")
+    parser.add_argument("--no-clients", action="store_true",
+                        help="skip the 10 vs 100 clients memory comparison (only compare methods)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -127,11 +151,10 @@ def main() -> None:
         for name in args.methods:
             print(f"running {name} ...", flush=True)
             rows.append(method_row(name, run_child(Path(tmp) / name, [*METHODS[name], *args.set])))
-        clients = [
+        clients = [] if args.no_clients else [
             run_child(Path(tmp) / f"clients-{n}", [*CLIENT_SCALING, f"fed.num_clients={n}", *args.set])
             for n in CLIENT_COUNTS
         ]
-    peaks = [c["peak_rss_mb"] for c in clients]
     cfg = config.load(DEMO_CONFIG, args.set)
     result = {
         "setting": f"{cfg.task.name}, {cfg.fed.num_clients} clients, {cfg.fed.partition} alpha={cfg.fed.alpha}, "
@@ -139,15 +162,7 @@ def main() -> None:
                    f"batch {cfg.zo.batch_size}, max_length {cfg.task.max_length}",
         "overrides": args.set,
         "methods": rows,
-        "clients": {
-            "counts": list(CLIENT_COUNTS),
-            "peak_rss_mb": peaks,
-            "built_rss_mb": [c["built_rss_mb"] for c in clients],
-            "seconds_per_round": [c["seconds_per_round"] for c in clients],
-            "ratio": peaks[1] / peaks[0],
-            "goal": GOAL_MEMORY_RATIO,
-            "met": peaks[1] / peaks[0] <= GOAL_MEMORY_RATIO,
-        },
+        "clients": clients_result(clients) if clients else None,
         "machine": {"processor": platform.processor(), "machine": platform.machine(), "cpu_count": os.cpu_count()},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/federated.py " + " ".join(sys.argv[1:]),

@@ -1,7 +1,8 @@
 """The method matrix (STYLE 18, PEFT's test matrix): every registered method x every downlink it supports x
 {iid, dirichlet, pathological}, two rounds on the tiny model, checking what each promises:
 
-- bytes: the uplink is T float32 scalars (and T losses) plus a small header; the downlink is bounded by what the
+- bytes: the uplink is T float32 scalars (and T losses) plus a small header, or for a first-order client
+  (the plan's estimator) its masked delta, 4 bytes per trainable value; the downlink is bounded by what the
   downlink promises (the values: 4 bytes per trainable value; the pool: at most K coefficients and positions);
 - exact state: every client that replays or catches up holds the server's global values bit for bit;
 - resume: a run cut after round 1 and resumed ends with the same patch and metrics as an uninterrupted one
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from meerkat_fl import config
+from meerkat_fl.fed.messages import UPLINKS
 from meerkat_fl.fed.simulate import build_federation, simulate
 from meerkat_fl.fed.transport import InProcessTransport
 from meerkat_fl.methods import METHODS
@@ -47,7 +49,8 @@ def test_method_keeps_its_promises(tiny_cfg, method, downlink, partition):
         plans, encoded = fed.server.configure_round()
         result = fed.server.aggregate_round(plans, encoded, transport.send_and_receive(encoded))
         assert not result.rejected, result.rejected
-        assert all(n <= HEADER + 8 * T for n in result.bytes_up.values())
+        delta = {cid: 4 * size if UPLINKS[plans[cid].estimator] == "values" else 0 for cid in plans}
+        assert all(n <= HEADER + 8 * T + delta[cid] for cid, n in result.bytes_up.items())
         bound = {"values": 4 * size, "pool": 8 * POOL}.get(downlink)
         if bound is not None:
             assert all(n <= HEADER + bound for n in result.bytes_down.values())

@@ -36,6 +36,8 @@ class Method:
     eps: float = 1e-3
     density: float = 1e-3  # the density the lr preset was tuned at (1.0: dense)
     tuned: bool = True  # False: the lr preset is a starting guess, not a tuned value (run `meerkat tune`)
+    downlinks_why: str = ""  # why a downlink is unsupported, for the config error
+    lr_key: str = "zo.lr"  # the setting ``lr`` presets (and `meerkat tune` sweeps)
 
 
 _ZO = {"fedkseed.pool_size": 0, "fedkseed.sampling": "uniform"}
@@ -66,6 +68,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            {"fed.strategy": "meerkat", "fedkseed.sampling": "pro"},
            {"mask.kind": "dense", "fedkseed.pool_size": 4096}, downlinks=_POOL_DOWNLINKS, lr=2e-6, density=1.0,
            tuned=False),
+    Method("fedavg_fo", "first-order upper bound: FedAvg of local backprop steps (fo.optimizer, fo.lr) on the same "
+           "mask, masked deltas up", {"fed.strategy": "fedavg_fo", **_ZO}, {"mask.kind": "sensitive"},
+           downlinks=("values",), lr=3e-3, density=1.0, tuned=False,  # density 1: a backprop lr is not scaled
+           downlinks_why="a first-order path cannot be replayed from seeds and scalars", lr_key="fo.lr"),
 )}
 
 
@@ -95,8 +101,8 @@ def infer(flat: Mapping[str, Any]) -> str:
             raise ConfigError(f"fed.strategy={strategy!r} with fedkseed.pool_size={pool} is no registered method: "
                               f"set method = \"fedkseed\" (a seed pool with the plain server rule) or drop the pool")
         return "fedkseed_pro" if flat["fedkseed.sampling"] == "pro" else "fedkseed"
-    if strategy == "fedmezo":
-        return "fedmezo"
+    if strategy in ("fedmezo", "fedavg_fo"):
+        return strategy
     if strategy == "meerkat_vp":
         return "meerkat_vp" if flat["vp.control"] == "detect" else "random_stop"
     return {"sensitive": "meerkat", "dense": "full_fedzo", "random": "random_mask",
@@ -109,8 +115,13 @@ def resolve(flat: Mapping[str, Any], defaults: Mapping[str, Any], name: str | No
     ``defaults`` is the flattened default config: a key still at its default counts as not set by the user.
     An inferred method (``name`` None: an old-style config) changes nothing: its flags keep their meaning.
     """
-    if name is None:  # fed.downlink unset: "values", as before methods were objects
-        return infer(flat), {} if flat["fed.downlink"] is not None else {"fed.downlink": "values"}
+    if name is None:
+        inferred, downlink = get_method(infer(flat)), flat["fed.downlink"]
+        # old flags keep their messages (a pool downlink without a pool is config's error); a downlink the
+        # method cannot run at all is named here. fed.downlink unset: "values", as before methods were objects
+        if downlink is not None and downlink not in inferred.downlinks and inferred.downlinks_why:
+            _downlink_error(inferred, downlink)
+        return inferred.name, {} if downlink is not None else {"fed.downlink": "values"}
     method = get_method(name)
     updates: dict[str, Any] = {}
     for key, value in method.fixed.items():
@@ -130,8 +141,14 @@ def resolve(flat: Mapping[str, Any], defaults: Mapping[str, Any], name: str | No
     if downlink is None:
         updates["fed.downlink"] = method.downlinks[0]
     elif downlink not in method.downlinks:
-        raise ConfigError(f"method {name!r} supports fed.downlink in {list(method.downlinks)}, got {downlink!r}")
+        _downlink_error(method, downlink)
     return name, updates
+
+
+def _downlink_error(method: Method, downlink: str) -> None:
+    why = f" ({method.downlinks_why})" if method.downlinks_why else ""
+    raise ConfigError(f"method {method.name!r} supports fed.downlink in {list(method.downlinks)}, "
+                      f"got {downlink!r}{why}")
 
 
 def describe() -> str:

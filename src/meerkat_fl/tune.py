@@ -36,14 +36,15 @@ Runner = Callable[..., dict[str, Any]]  # simulate / finetune: (cfg, out, *, res
 def default_center(cfg: Config) -> dict[str, float]:
     """The grid's centre: the config's own lr when it sets one, else the method's preset for the embedded model
     moved to the config's density (``methods.preset_lr``: the stable ZO lr shrinks with the perturbed weights)."""
-    from meerkat_fl.config import ZOConfig, method_name
+    from meerkat_fl.config import Config, flatten, method_name
     from meerkat_fl.methods import get_method, preset_lr
 
-    if cfg.zo.lr != ZOConfig().lr:
-        return {"zo.lr": cfg.zo.lr}
     method = get_method(method_name(cfg))
+    key = method.lr_key  # zo.lr, or fo.lr for the first-order upper bound
+    if flatten(cfg)[key] != flatten(Config())[key]:
+        return {key: flatten(cfg)[key]}
     density = 1.0 if cfg.mask.kind in ("dense", "lora") else cfg.mask.density
-    return {"zo.lr": preset_lr(method, density)}
+    return {key: preset_lr(method, density)}
 
 
 def default_grid(

@@ -6,16 +6,18 @@ O(masked values), never a model copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from meerkat_fl.errors import MessageRejected
 from meerkat_fl.fed.downlink import client_sync
 from meerkat_fl.fed.messages import ClientUpdate, RoundPlan
 from meerkat_fl.fed.seedpool import PoolModel, check_pool_seeds
 from meerkat_fl.fed.state import ClientState
-from meerkat_fl.local import DataPointer, local_train
+from meerkat_fl.local import FO_OPTIMIZERS, DataPointer, local_train, local_train_fo
 from meerkat_fl.tasks import EncodedSplit, Scorer
 from meerkat_fl.zo import MaskedParams
 
@@ -64,8 +66,14 @@ class Client:
         return values
 
     def fit(self, plan: RoundPlan, runtime: ClientRuntime) -> ClientUpdate:
-        """Run ``len(plan.seeds)`` ZO steps on this client's data; return exactly that many scalars."""
-        values = self.sync(plan, runtime)
+        """Run ``len(plan.seeds)`` local steps on this client's data with the plan's estimator."""
+        trainer = LOCAL_TRAINERS.get(plan.estimator)
+        if trainer is None:
+            raise MessageRejected(f"client {self.client_id}: no local trainer for estimator {plan.estimator!r}")
+        return trainer(self, plan, runtime, self.sync(plan, runtime))
+
+    def fit_zo(self, plan: RoundPlan, runtime: ClientRuntime, values: torch.Tensor) -> ClientUpdate:
+        """One ZO step per seed; returns exactly that many scalars."""
         device = runtime.params.device
 
         def batch_loss(local_rows: np.ndarray) -> float:
@@ -81,6 +89,26 @@ class Client:
             metrics={"skipped_steps": float(sum(s.skipped for s in steps))},
         )
 
+    def fit_fo(self, plan: RoundPlan, runtime: ClientRuntime, values: torch.Tensor) -> ClientUpdate:
+        """``len(plan.seeds)`` backprop steps (the seeds only count them); returns the masked delta as values."""
+        if plan.optimizer not in FO_OPTIMIZERS:
+            raise MessageRejected(f"client {self.client_id}: unknown optimizer {plan.optimizer!r} "
+                                  f"(known: {', '.join(FO_OPTIMIZERS)})")
+        device, start = runtime.params.device, values.clone()
+
+        def batch_loss(local_rows: np.ndarray) -> torch.Tensor:
+            return runtime.scorer.loss_tensor(runtime.train.batch(self.indices[local_rows], device))
+
+        steps = local_train_fo(runtime.params, values, int(plan.seeds.size), lr=plan.lr, optimizer=plan.optimizer,
+                               batch_loss=batch_loss, pointer=self.pointer, batch_size=plan.batch_size)
+        return ClientUpdate(
+            round=plan.round, client_id=self.client_id, scalars=np.zeros(0, dtype=np.float32),
+            losses=np.asarray([s.loss for s in steps], dtype=np.float32),
+            num_examples=self.num_examples,
+            metrics={"skipped_steps": float(sum(s.skipped for s in steps))},
+            values=(values - start).cpu().numpy(),
+        )
+
     def state(self) -> ClientState:
         """Everything this client carries between rounds (``fed/state.py`` encodes it)."""
         pointer = self.pointer.state()
@@ -90,3 +118,10 @@ class Client:
     def load_state(self, state: ClientState) -> None:
         self.pointer.load_state({"epoch": state.epoch, "position": state.position})
         self.synced = ClientState(synced_round=state.synced_round, values=state.values, pool=state.pool)
+
+
+# estimator (messages.UPLINKS) -> how a client trains locally; the strategy picks the estimator in its plans
+LOCAL_TRAINERS: dict[str, Callable[[Client, RoundPlan, ClientRuntime, torch.Tensor], ClientUpdate]] = {
+    "zo": Client.fit_zo,
+    "fo": Client.fit_fo,
+}

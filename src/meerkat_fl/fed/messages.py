@@ -3,7 +3,9 @@
 Down (server → client): a RoundPlan — the round, T seeds, the client's lr, and the global model either as
 the new masked values, as every client's (seed, scalar) path since the client last synced, or (FedKSeed's
 seed pool, ``fed/seedpool.py``) as the pool coefficients that changed since then.
-Up (client → server): a ClientUpdate — exactly T float32 scalars, plus the batch losses as metrics.
+Up (client → server): a ClientUpdate — exactly T float32 scalars, plus the batch losses as metrics; or, when
+the plan's estimator is first order ("fo", the FedAvg upper bound), no scalars and the masked delta as float32
+``values`` (a first-order path cannot be replayed from seeds).
 
 Wire format: b"MKT1", a kind byte, a uint32 header length, a UTF-8 JSON header, then raw little-endian
 arrays whose dtype and length the header declares. ``len(encode(msg))`` is what the byte accounting
@@ -28,6 +30,8 @@ MAX_HEADER_BYTES = 1 << 20
 DTYPES = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4"), "int64": np.dtype("<i8")}
 MAX_POOL_SIZE = 1 << 24
 MAX_COEFFICIENT = 1e5  # |pool coefficient| bound [choice]: keeps the fixed-point terms in int64 (seedpool.py)
+# What a client computes locally -> what it uploads: seed scalars (zeroth order) or a masked delta (first order)
+UPLINKS = {"zo": "scalars", "fo": "values"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class RoundPlan:
     pool_size: int = 0  # K of the seed pool the seeds come from; 0 = no pool (fresh seeds)
     pool_positions: np.ndarray | None = None  # int32, increasing: which coefficients follow (None = all K)
     pool_coefficients: np.ndarray | None = None  # float32: their current values (downlink "pool")
+    estimator: str = "zo"  # a key of UPLINKS: how the client trains (the strategy decides)
+    optimizer: str = "sgd"  # first order only: the local optimiser (local.FO_OPTIMIZERS)
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class ClientUpdate:
     losses: np.ndarray  # float32 [T]: batch-loss estimates (metrics only)
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    values: np.ndarray | None = None  # float32 masked delta w_k^T - w^{r-1} (first-order estimator only)
 
 
 def _pack(kind: int, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
@@ -131,6 +138,8 @@ def encode_plan(plan: RoundPlan) -> bytes:
         "batch_size": plan.batch_size, "synced_round": plan.synced_round, "pool_size": plan.pool_size,
         "paths": [[p.round, p.client_id, p.weight, p.lr, int(p.seeds.size)] for p in plan.paths],
     }
+    if plan.estimator != "zo":  # only a first-order plan says so: zeroth-order plans keep their bytes
+        header.update(estimator=plan.estimator, optimizer=plan.optimizer)
     arrays = {"seeds": np.asarray(plan.seeds, dtype=np.int64)}
     if plan.values is not None:
         arrays["values"] = np.asarray(plan.values, dtype=np.float32)
@@ -169,12 +178,18 @@ def decode_plan(data: bytes) -> RoundPlan:
         validate_pool(pool_size, positions, coefficients, who)
     elif positions is not None:
         raise MessageRejected(f"{who}: pool positions without pool coefficients")
+    estimator, optimizer = header.get("estimator", "zo"), header.get("optimizer", "sgd")
+    if not isinstance(estimator, str) or estimator not in UPLINKS:
+        raise MessageRejected(f"{who}: unknown estimator {estimator!r} (known: {', '.join(UPLINKS)})")
+    if not isinstance(optimizer, str):
+        raise MessageRejected(f"{who}: field 'optimizer' is not str")
     return RoundPlan(
         round=_field(header, "round", int, who), client_id=_field(header, "client_id", int, who),
         seeds=arrays.get("seeds", np.zeros(0, np.int64)), lr=_field(header, "lr", float, who),
         eps=_field(header, "eps", float, who), batch_size=_field(header, "batch_size", int, who),
         values=arrays.get("values"), paths=tuple(paths), synced_round=_field(header, "synced_round", int, who),
         pool_size=pool_size, pool_positions=positions, pool_coefficients=coefficients,
+        estimator=estimator, optimizer=optimizer,
     )
 
 
@@ -210,6 +225,8 @@ def encode_update(update: ClientUpdate) -> bytes:
               "metrics": update.metrics}
     arrays = {"scalars": np.asarray(update.scalars, dtype=np.float32),
               "losses": np.asarray(update.losses, dtype=np.float32)}
+    if update.values is not None:
+        arrays["values"] = np.asarray(update.values, dtype=np.float32)
     return _pack(KIND_UPDATE, header, arrays)
 
 
@@ -217,28 +234,41 @@ def decode_update(data: bytes, who: str = "client update") -> ClientUpdate:
     header, arrays = _unpack(data, KIND_UPDATE, who)
     if "scalars" not in arrays or arrays["scalars"].dtype != np.float32:
         raise MessageRejected(f"{who}: no float32 scalars")
+    if "values" in arrays and arrays["values"].dtype != np.float32:
+        raise MessageRejected(f"{who}: values are {arrays['values'].dtype}, not float32")
     metrics = header.get("metrics", {})
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
         raise MessageRejected(f"{who}: metrics must be a flat mapping of numbers")
     return ClientUpdate(
         round=_field(header, "round", int, who), client_id=_field(header, "client_id", int, who),
         scalars=arrays["scalars"], losses=arrays.get("losses", np.zeros(0, np.float32)),
-        num_examples=_field(header, "num_examples", int, who), metrics=dict(metrics),
+        num_examples=_field(header, "num_examples", int, who), metrics=dict(metrics), values=arrays.get("values"),
     )
 
 
-def validate_update(update: ClientUpdate, plan: RoundPlan, max_abs_scalar: float) -> None:
-    """Raise MessageRejected unless ``update`` answers ``plan``: same round and client, exactly one finite,
-    bounded scalar per issued seed."""
+def validate_update(update: ClientUpdate, plan: RoundPlan, max_abs_scalar: float, num_values: int) -> None:
+    """Raise MessageRejected unless ``update`` answers ``plan``: same round and client, and what the plan's
+    estimator uploads: exactly one finite, bounded scalar per issued seed (zeroth order), or no scalars and
+    ``num_values`` finite delta values, one per masked coordinate (first order)."""
     who = f"client {plan.client_id}"
     if update.round != plan.round or update.client_id != plan.client_id:
         raise MessageRejected(f"{who}: reply is for round {update.round} / client {update.client_id}, "
                               f"expected round {plan.round}")
+    if update.num_examples < 0:
+        raise MessageRejected(f"{who}: negative num_examples")
+    if UPLINKS[plan.estimator] == "values":
+        if update.values is None or update.scalars.size:
+            raise MessageRejected(f"{who}: a first-order reply carries values and no scalars")
+        if update.values.size != num_values:
+            raise MessageRejected(f"{who}: sent {update.values.size} values for {num_values} masked coordinates")
+        if not np.isfinite(update.values).all():
+            raise MessageRejected(f"{who}: non-finite value")
+        return
+    if update.values is not None:
+        raise MessageRejected(f"{who}: a zeroth-order reply carries scalars, not values")
     if update.scalars.size != plan.seeds.size:
         raise MessageRejected(f"{who}: sent {update.scalars.size} scalars for {plan.seeds.size} local steps")
     if not np.isfinite(update.scalars).all():
         raise MessageRejected(f"{who}: non-finite scalar")
     if np.abs(update.scalars).max(initial=0.0) > max_abs_scalar:
         raise MessageRejected(f"{who}: scalar magnitude above the bound {max_abs_scalar:g}")
-    if update.num_examples < 0:
-        raise MessageRejected(f"{who}: negative num_examples")

@@ -127,7 +127,8 @@ class Server:
             seeds = np.asarray(step_seeds(self.run_seed, round_index, client_id, steps), dtype=np.int64)
         common = {"round": round_index, "client_id": client_id, "seeds": seeds,
                   "lr": told.lr, "eps": self.eps, "batch_size": self.batch_size,
-                  "pool_size": 0 if self.seed_pool is None else self.seed_pool.size}
+                  "pool_size": 0 if self.seed_pool is None else self.seed_pool.size,
+                  "estimator": told.estimator, "optimizer": told.optimizer}
         return RoundPlan(**common, **self.link.plan_fields(client_id, round_index, self.values))
 
     def instructions(self) -> ClientInstructions:
@@ -152,15 +153,18 @@ class Server:
                 continue
             try:
                 update = decode_update(reply, who=f"client {cid}")
-                validate_update(update, plan, self.max_abs_scalar)
+                validate_update(update, plan, self.max_abs_scalar, self.values.numel())
             except MessageRejected as exc:
                 rejected[cid] = str(exc)
                 log.warning("round %d: rejected %s", self.round, exc)
                 continue
             updates[cid] = update
         weights = normalised_weights({cid: self.client_sizes[cid] for cid in updates}, self.weighting) if updates else {}
+        # a validated reply has one scalar per seed, or none (a first-order client: an empty path, its delta
+        # in ``updates``), so the path is the seeds its scalars answer
         paths = [
-            ClientPath(self.round, cid, weights[cid], plans[cid].lr, plans[cid].seeds, updates[cid].scalars)
+            ClientPath(self.round, cid, weights[cid], plans[cid].lr, plans[cid].seeds[: updates[cid].scalars.size],
+                       updates[cid].scalars)
             for cid in sorted(updates)
         ]
         pool_metrics: dict[str, Any] = {}

@@ -210,8 +210,14 @@ def label_logits(model: Any, batch: Batch) -> torch.Tensor:
 @torch.no_grad()
 def classification_loss(model: Any, batch: Batch) -> float:
     """Mean cross-entropy of the true label over the C label-word logits (nats)."""
+    return float(classification_loss_tensor(model, batch))
+
+
+def classification_loss_tensor(model: Any, batch: Batch) -> torch.Tensor:
+    """``classification_loss`` as a 0-d tensor, with autograd left as the caller set it (first-order training
+    differentiates it through the trainable tensors)."""
     logits = label_logits(model, batch)
-    return float(F.cross_entropy(logits, batch.labels.to(logits.device)))
+    return F.cross_entropy(logits, batch.labels.to(logits.device))
 
 
 def _batches(data: EncodedData, batch_size: int, device: torch.device):

@@ -67,6 +67,10 @@ class TaskProtocol(Protocol):
         """The batch's mean loss under `model` (nats); no gradient is taken."""
         ...
 
+    def loss_tensor(self, model: Any, batch: Any) -> torch.Tensor:
+        """`loss` as a 0-d tensor with autograd as the caller set it (the first-order baseline's backprop)."""
+        ...
+
     def evaluate(self, model: Any, data: EncodedSplit, batch_size: int = 32) -> dict[str, float]:
         """Metrics of `model` on `data` by name; includes `primary_metric`."""
         ...
@@ -85,6 +89,9 @@ class Scorer:
 
     def loss(self, batch: Any) -> float:
         return self.task.loss(self.model, batch)
+
+    def loss_tensor(self, batch: Any) -> torch.Tensor:
+        return self.task.loss_tensor(self.model, batch)
 
     def evaluate(self, data: EncodedSplit, batch_size: int = 32) -> dict[str, float]:
         return self.task.evaluate(self.model, data, batch_size)

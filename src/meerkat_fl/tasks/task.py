@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from meerkat_fl.data import BUNDLED_DATA_DIR
 from meerkat_fl.errors import ConfigError, DataError
@@ -24,6 +25,7 @@ from meerkat_fl.tasks.base import (
     ClassificationData,
     EncodedData,
     classification_loss,
+    classification_loss_tensor,
     classification_metrics,
     encode,
 )
@@ -198,6 +200,10 @@ class Task:
     def loss(self, model: Any, batch: Batch) -> float:
         """Mean cross-entropy of the true label over the label-word logits at the answer position (nats)."""
         return classification_loss(model, batch)
+
+    def loss_tensor(self, model: Any, batch: Batch) -> torch.Tensor:
+        """The same loss as a differentiable 0-d tensor (first-order training)."""
+        return classification_loss_tensor(model, batch)
 
     def evaluate(self, model: Any, data: EncodedData, batch_size: int = 32) -> dict[str, float]:
         """{"accuracy", "loss"} of `model` on `data` (see base.classification_metrics)."""

@@ -28,6 +28,8 @@ class ClientInstructions:
 
     lr: float
     local_steps: int
+    estimator: str = "zo"  # how the client trains: "zo" (seeded two-point steps) or "fo" (backprop; messages.UPLINKS)
+    optimizer: str = "sgd"  # first order only: the local optimiser (local.FO_OPTIMIZERS)
 
 
 @dataclass

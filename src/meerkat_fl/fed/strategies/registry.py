@@ -11,6 +11,7 @@ from typing import Any
 
 from meerkat_fl.errors import ConfigError
 from meerkat_fl.fed.strategies.base import Strategy, UniformStrategy
+from meerkat_fl.fed.strategies.fedavg_fo import FedAvgFOStrategy
 from meerkat_fl.fed.strategies.fedmezo import FedMeZOStrategy
 from meerkat_fl.fed.strategies.meerkat_vp import MeerkatVPStrategy
 from meerkat_fl.vp import DetectionSettings
@@ -30,6 +31,7 @@ STRATEGIES: dict[str, Callable[[Any], Strategy]] = {
     "meerkat": lambda cfg: UniformStrategy(),
     "fedmezo": _fedmezo,
     "meerkat_vp": _meerkat_vp,
+    "fedavg_fo": lambda cfg: FedAvgFOStrategy(cfg.fo.lr, cfg.fo.optimizer),
 }
 
 
