@@ -167,7 +167,7 @@ def test_lora_patch_for_another_base_model_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize(("override", "key"), [
-    ("lora.rank=0", "lora.rank"), ("lora.alpha=-1", "lora.alpha"), ("lora.dropout=1.0", "lora.dropout"),
+    ("lora.rank=0", "lora.rank"), ("lora.alpha=-1", "lora.alpha"),
     ("lora.targets=[]", "lora.targets"), ("lora.targets='q_proj'", "lora.targets"),
     ("mask.kind=lora_adapters", "mask.kind"),
 ])

@@ -114,10 +114,8 @@ def obtain_trainable(cfg: Config, loaded: LoadedModel) -> Mask:
     if cfg.mask.kind != "lora":
         return obtain_mask(cfg.mask, loaded)
     lora = cfg.lora
-    if lora.dropout > 0:
-        log.warning("lora.dropout=%s has no effect on ZO training (forward passes run in eval mode)", lora.dropout)
     return add_lora(loaded.model, fingerprint=loaded.fingerprint, rank=lora.rank, alpha=lora.alpha,
-                    targets=lora.targets, dropout=lora.dropout, seed=cfg.run.seed)
+                    targets=lora.targets, seed=cfg.run.seed)
 
 
 def make_mask(mask_cfg: MaskConfig, loaded: LoadedModel) -> Mask:

@@ -84,9 +84,6 @@ class LoraConfig:
     # target_modules) [choice: q and v, as MeZO's LoRA runs and LoRA-FedZO use]. Llama-style names: q_proj k_proj
     # v_proj o_proj gate_proj ...
     targets: tuple[str, ...] = ("q_proj", "v_proj")
-    # Kept in the adapter config; ZO forward passes run in eval mode (as MeZO's do: both points of a two-point
-    # step must be the same function), so dropout never applies while meerkat trains.
-    dropout: float = 0.0
 
 
 @dataclass
@@ -415,8 +412,6 @@ def _check_choices(flat: Mapping[str, Any]) -> None:
 def _validate_lora(cfg: Config) -> None:
     """LoRA settings are checked whatever the mask kind (a saved config stays loadable when switched to lora)."""
     lora = cfg.lora
-    if not 0.0 <= lora.dropout < 1.0:
-        raise ConfigError(f"lora.dropout: must be in [0, 1), got {lora.dropout!r}")
     if not lora.targets or any(not t.strip(". ") for t in lora.targets):
         raise ConfigError(f"lora.targets: must be a non-empty list of module names, got {list(lora.targets)!r}")
     if cfg.mask.kind == "lora" and cfg.mask.path is not None:

@@ -71,13 +71,11 @@ def resolve_targets(model: torch.nn.Module, targets: Sequence[str]) -> list[str]
     return sorted(chosen, key=linears.index)
 
 
-def _check_settings(rank: int, alpha: float, dropout: float) -> None:
+def _check_settings(rank: int, alpha: float) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ConfigError(f"lora.rank: must be an integer > 0, got {rank!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ConfigError(f"lora.alpha: must be > 0, got {alpha!r}")
-    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
-        raise ConfigError(f"lora.dropout: must be in [0, 1), got {dropout!r}")
 
 
 def lora_layers(model: torch.nn.Module) -> list[Any]:
@@ -118,8 +116,7 @@ def _init_a(model: torch.nn.Module, seed: int) -> None:
 
 
 def inject_lora(
-    model: torch.nn.Module, *, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0,
-    seed: int = 0,
+    model: torch.nn.Module, *, rank: int, alpha: float, targets: Sequence[str], seed: int = 0,
 ) -> PeftModel:
     """Inject LoRA adapters into ``model`` in place (PEFT's ``get_peft_model``) and return PEFT's wrapper.
 
@@ -128,11 +125,11 @@ def inject_lora(
     """
     import peft
 
-    _check_settings(rank, alpha, dropout)
+    _check_settings(rank, alpha)
     if has_lora(model):
         raise ConfigError("this model already carries LoRA adapters; load a fresh base model")
     modules = resolve_targets(model, targets)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=float(dropout),
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, lora_dropout=0.0,
                              bias="none", init_lora_weights=True)
     training = model.training
     # PEFT's own init draws from the global RNG (A is redrawn below): leave the caller's RNG state alone
@@ -146,8 +143,7 @@ def inject_lora(
 
 
 def lora_mask(
-    model: torch.nn.Module, *, fingerprint: str, rank: int, alpha: float, targets: Sequence[str],
-    dropout: float = 0.0, seed: int = 0,
+    model: torch.nn.Module, *, fingerprint: str, rank: int, alpha: float, targets: Sequence[str], seed: int = 0,
 ) -> Mask:
     """The "lora" mask of a model that carries adapters: every A and B weight, whole; the settings in meta."""
     params = dict(model.named_parameters())
@@ -155,7 +151,7 @@ def lora_mask(
     if not names:
         raise ConfigError("the model carries no LoRA adapters")
     meta = {
-        "density": "1.0", "rank": str(rank), "alpha": repr(float(alpha)), "dropout": repr(float(dropout)),
+        "density": "1.0", "rank": str(rank), "alpha": repr(float(alpha)),
         "targets": json.dumps(list(targets)), "init_seed": str(seed), "adapted_modules": str(len(names) // 2),
     }
     return Mask(kind="lora", names=tuple(names), shapes=tuple(tuple(params[n].shape) for n in names),
@@ -163,22 +159,21 @@ def lora_mask(
 
 
 def add_lora(
-    model: torch.nn.Module, *, fingerprint: str, rank: int, alpha: float, targets: Sequence[str],
-    dropout: float = 0.0, seed: int = 0,
+    model: torch.nn.Module, *, fingerprint: str, rank: int, alpha: float, targets: Sequence[str], seed: int = 0,
 ) -> Mask:
     """Inject adapters into ``model`` (in place) and return the mask over them: what every LoRA-FedZO party
     builds."""
-    inject_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout, seed=seed)
-    return lora_mask(model, fingerprint=fingerprint, rank=rank, alpha=alpha, targets=targets,
-                     dropout=dropout, seed=seed)
+    inject_lora(model, rank=rank, alpha=alpha, targets=targets, seed=seed)
+    return lora_mask(model, fingerprint=fingerprint, rank=rank, alpha=alpha, targets=targets, seed=seed)
 
 
 def lora_settings(mask: Mask) -> dict[str, Any]:
-    """The (rank, alpha, targets, dropout) a "lora" mask or patch was made with, to inject matching ones."""
+    """The (rank, alpha, targets) a "lora" mask or patch was made with, to inject matching ones (a patch from
+    before ``lora.dropout`` was removed also carries a dropout, which never applied and is ignored)."""
     meta = mask.meta
     try:
         settings = {"rank": int(meta["rank"]), "alpha": float(meta["alpha"]),
-                    "targets": tuple(json.loads(meta["targets"])), "dropout": float(meta["dropout"])}
+                    "targets": tuple(json.loads(meta["targets"]))}
     except (KeyError, ValueError, TypeError) as exc:
         raise MaskMismatch(f"LoRA mask metadata is missing or malformed ({exc})") from None
     return settings
