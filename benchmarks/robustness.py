@@ -44,6 +44,7 @@ from meerkat_fl.fed.transport import InProcessTransport
 REPO = Path(__file__).resolve().parent.parent
 ATTACKER = 0
 DEFENCES = {"defended": ["fed.clip=norm"], "undefended": ["fed.clip=none"]}
+ORDER = ("defended-honest", "defended-max", "defended-flip", "undefended-max", "undefended-flip", "undefended-honest")
 GOAL_DROP, GOAL_RATIO = 0.02, 3.0
 
 
@@ -106,8 +107,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "robustness.json")
     parser.add_argument("--cache", type=Path, default=REPO / "benchmarks" / "results" / "robustness_runs")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--flip-scale", type=float, default=10.0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=ORDER, help="runs not to start (cached ones are used)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (e.g. task.eval_size=100)")
     args = parser.parse_args()
@@ -116,37 +118,46 @@ def main() -> None:
     cfg0 = config.validate(config.resolve_environment(config.load(DEMO_CONFIG, base)))
     args.cache.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
-    for defence, extra in DEFENCES.items():
-        cfg = config.validate(config.apply_overrides(cfg0, extra))
-        for name, attack in attacks(cfg.fed.max_abs_scalar, args.flip_scale).items():
-            key = f"{defence}-{name}"
-            path = args.cache / f"{key}-r{args.rounds}-k{args.flip_scale:g}.json"
-            if path.exists():
-                runs[key] = json.loads(path.read_text())
-                print(f"{key}: cached ({path.name})", flush=True)
-                continue
+    for key in ORDER:  # the undefended honest run last: the others matter more when time is short
+        defence, name = key.split("-")
+        cfg = config.validate(config.apply_overrides(cfg0, DEFENCES[defence]))
+        path = args.cache / f"{key}-r{args.rounds}-k{args.flip_scale:g}.json"
+        if path.exists():
+            runs[key] = json.loads(path.read_text())
+            print(f"{key}: cached ({path.name})", flush=True)
+        elif key not in args.skip:
             print(f"{key}: running {args.rounds} rounds ...", flush=True)
-            runs[key] = {"overrides": [*base, *extra], **one_run(cfg, attack)}
+            attack = attacks(cfg.fed.max_abs_scalar, args.flip_scale)[name]
+            runs[key] = {"overrides": [*base, *DEFENCES[defence]], **one_run(cfg, attack)}
             path.write_text(json.dumps(runs[key], indent=1) + "\n")
             print(f"{key}: accuracy {runs[key]['accuracy']:.3f} in {runs[key]['seconds']:.0f} s", flush=True)
 
-    def drop(defence: str, name: str) -> float:
-        return runs[f"{defence}-honest"]["accuracy"] - runs[f"{defence}-{name}"]["accuracy"]
+    def drop(defence: str, name: str) -> float | None:
+        honest = runs.get(f"{defence}-honest") or runs.get("defended-honest")  # fallback: see "honest_reference"
+        attacked = runs.get(f"{defence}-{name}")
+        return None if honest is None or attacked is None else honest["accuracy"] - attacked["accuracy"]
 
-    defended_drop = max(drop("defended", a) for a in ("max", "flip"))
-    ratio = max(worst_ratio(runs[f"defended-{a}"]) for a in ("max", "flip"))
+    def worst(values) -> float | None:
+        present = [v for v in values if v is not None]
+        return max(present) if present else None
+
+    defended_drop = worst(drop("defended", a) for a in ("max", "flip"))
+    ratio = worst(worst_ratio(runs[f"defended-{a}"]) for a in ("max", "flip") if f"defended-{a}" in runs)
+    met = defended_drop is not None and ratio is not None and defended_drop <= GOAL_DROP and ratio <= GOAL_RATIO
     result = {
         "setting": f"{cfg0.task.name}, {cfg0.fed.num_clients} clients (all sampled), {cfg0.fed.partition} "
                    f"alpha={cfg0.fed.alpha}, T={cfg0.fed.local_steps}, {args.rounds} rounds, batch {cfg0.zo.batch_size},"
                    f" eval {cfg0.task.eval_size}; client {ATTACKER} hostile; defence fed.clip=norm "
                    f"factor {cfg0.fed.clip_factor}, cap {cfg0.fed.max_abs_scalar:g}; flip scale {args.flip_scale:g}",
         "honest_accuracy": runs["defended-honest"]["accuracy"],
-        "honest_accuracy_undefended": runs["undefended-honest"]["accuracy"],
+        "honest_accuracy_undefended": runs.get("undefended-honest", {}).get("accuracy"),
+        # each drop is against the all-honest run with the same defence setting, when it was run
+        "honest_reference": {d: f"{d}-honest" if f"{d}-honest" in runs else "defended-honest" for d in DEFENCES},
         "defended_accuracy_drop": defended_drop,
-        "undefended_accuracy_drop": max(drop("undefended", a) for a in ("max", "flip")),
+        "undefended_accuracy_drop": worst(drop("undefended", a) for a in ("max", "flip")),
         "attacker_norm_ratio": ratio,
-        "goal": {"defended_drop": GOAL_DROP, "attacker_norm_ratio": GOAL_RATIO,
-                 "met": defended_drop <= GOAL_DROP and ratio <= GOAL_RATIO},
+        "goal": {"defended_drop": GOAL_DROP, "attacker_norm_ratio": GOAL_RATIO, "met": met},
+        "skipped": sorted(set(ORDER) - set(runs)),
         "runs": {k: {"accuracy": r["accuracy"], "attacker_norm_ratio_worst": worst_ratio(r),
                      "max_abs_weight_change": r["max_abs_weight_change"], "bytes_up": r["bytes_up"],
                      "bytes_down": r["bytes_down"], "seconds": r["seconds"],
@@ -164,10 +175,10 @@ def main() -> None:
     print(head + "\n" + "-" * len(head))
     for key, row in result["runs"].items():
         defence, name = key.split("-")
-        print(f"{key:<22}{row['accuracy']:>9.3f}{drop(defence, name):>7.3f}{row['attacker_norm_ratio_worst']:>13.3g}"
+        print(f"{key:<22}{row['accuracy']:>9.3f}{drop(defence, name) or 0.0:>7.3f}{row['attacker_norm_ratio_worst']:>13.3g}"
               f"{row['max_abs_weight_change']:>10.3g}{row['honest_clipped_total']:>15d}")
-    print(f"\ndefended drop {defended_drop:.3f} (goal <= {GOAL_DROP}), attacker norm ratio {ratio:.2f} "
-          f"(goal <= {GOAL_RATIO}): {'met' if result['goal']['met'] else 'NOT met'}")
+    print(f"\ndefended drop {defended_drop} (goal <= {GOAL_DROP}), attacker norm ratio {ratio} "
+          f"(goal <= {GOAL_RATIO}): {'met' if met else 'NOT met'}; not run: {result['skipped'] or 'none'}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json}")
