@@ -93,7 +93,7 @@ def one_run(cfg, attack) -> dict:
                        "clipped": result.metrics.get("clipped_by_client", {}), "train_loss": result.train_loss})
         bytes_up += sum(result.bytes_up.values())
         bytes_down += sum(result.bytes_down.values())
-    return {"accuracy": evaluate(fed), "rounds": rounds, "bytes_up": bytes_up, "bytes_down": bytes_down,
+    return {"accuracy": evaluate(fed)["accuracy"], "rounds": rounds, "bytes_up": bytes_up, "bytes_down": bytes_down,
             "seconds": time.perf_counter() - tic,
             "max_abs_weight_change": float((fed.server.values - fed.runtime.initial_values).abs().max())}
 
