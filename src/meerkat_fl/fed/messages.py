@@ -3,7 +3,7 @@
 Down (server → client): a RoundPlan — the round, T seeds, the client's lr, and the global model either as
 the new masked values, as every client's (seed, scalar) path since the client last synced, or (FedKSeed's
 seed pool, ``fed/seedpool.py``) as the pool coefficients that changed since then.
-Up (client → server): a ClientUpdate — exactly T float32 scalars, plus the batch losses as metrics.
+Up (client → server): a ClientUpdate — exactly T float32 scalars, plus the finite batch losses as metrics.
 
 Wire format: ``fed/wire.py`` (a framed JSON header plus raw arrays). Decoding trusts nothing and is total:
 any byte string decodes into range-checked values or raises MessageRejected. ``validate_update`` then
@@ -67,7 +67,7 @@ class ClientUpdate:
     round: int
     client_id: int
     scalars: np.ndarray  # float32 [T]
-    losses: np.ndarray  # float32 [T]: batch-loss estimates (metrics only)
+    losses: np.ndarray  # float32 [<= T]: batch-loss estimates of the steps not skipped (metrics, FedMeZO)
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
 
