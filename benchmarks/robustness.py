@@ -137,6 +137,13 @@ def main() -> None:
         attacked = runs.get(f"{defence}-{name}")
         return None if honest is None or attacked is None else honest["accuracy"] - attacked["accuracy"]
 
+    def loss_increase(defence: str, name: str) -> float | None:
+        honest = runs.get(f"{defence}-honest") or runs.get("defended-honest")
+        attacked = runs.get(f"{defence}-{name}")
+        if honest is None or attacked is None:
+            return None
+        return attacked["rounds"][-1]["train_loss"] - honest["rounds"][-1]["train_loss"]
+
     def worst(values) -> float | None:
         present = [v for v in values if v is not None]
         return max(present) if present else None
@@ -157,9 +164,14 @@ def main() -> None:
         "undefended_accuracy_drop": worst(drop("undefended", a) for a in ("max", "flip")),
         "attacker_norm_ratio": ratio,
         "goal": {"defended_drop": GOAL_DROP, "attacker_norm_ratio": GOAL_RATIO, "met": met},
+        # in a short run accuracy barely moves and a wrecked model can still guess the majority label: the
+        # clients' training loss in the last round (measured on the model the previous rounds produced) and
+        # the largest weight change show the damage accuracy can hide
+        "last_train_loss_increase": {d: worst(loss_increase(d, a) for a in ("max", "flip")) for d in DEFENCES},
         "skipped": sorted(set(ORDER) - set(runs)),
         "runs": {k: {"accuracy": r["accuracy"], "attacker_norm_ratio_worst": worst_ratio(r),
                      "max_abs_weight_change": r["max_abs_weight_change"], "bytes_up": r["bytes_up"],
+                     "train_loss_by_round": [x["train_loss"] for x in r["rounds"]],
                      "bytes_down": r["bytes_down"], "seconds": r["seconds"],
                      "attacker_clipped_per_round": [x["clipped"].get(str(ATTACKER)) for x in r["rounds"]],
                      "honest_clipped_total": sum(v for x in r["rounds"] for c, v in x["clipped"].items()
@@ -171,12 +183,14 @@ def main() -> None:
         "command": "python benchmarks/robustness.py " + " ".join(sys.argv[1:]),
     }
     print(f"\nOne hostile client of {cfg0.fed.num_clients} ({result['setting']})")
-    head = f"{'run':<22}{'accuracy':>9}{'drop':>7}{'att/med norm':>13}{'max |dw|':>10}{'honest clipped':>15}"
+    head = (f"{'run':<22}{'accuracy':>9}{'drop':>7}{'att/med norm':>13}{'max |dw|':>10}{'last loss':>10}"
+            f"{'honest clipped':>15}")
     print(head + "\n" + "-" * len(head))
     for key, row in result["runs"].items():
         defence, name = key.split("-")
         print(f"{key:<22}{row['accuracy']:>9.3f}{drop(defence, name) or 0.0:>7.3f}{row['attacker_norm_ratio_worst']:>13.3g}"
-              f"{row['max_abs_weight_change']:>10.3g}{row['honest_clipped_total']:>15d}")
+              f"{row['max_abs_weight_change']:>10.3g}{row['train_loss_by_round'][-1]:>10.3f}"
+              f"{row['honest_clipped_total']:>15d}")
     print(f"\ndefended drop {defended_drop} (goal <= {GOAL_DROP}), attacker norm ratio {ratio} "
           f"(goal <= {GOAL_RATIO}): {'met' if met else 'NOT met'}; not run: {result['skipped'] or 'none'}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
