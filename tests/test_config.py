@@ -26,6 +26,9 @@ def test_int_is_accepted_for_float():
     ("mask.density=2", "mask.density"),
     ("zo.eps=0", "zo.eps"),
     ("fed.sample_count=99", "fed.sample_count"),
+    ("zo.lr=nan", "zo.lr"),
+    ("zo.eps=inf", "zo.eps"),
+    ("fedmezo.lr_scale=nan", "fedmezo.lr_scale"),
 ])
 def test_bad_overrides_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -188,10 +188,12 @@ def test_a_bad_reply_is_rejected_counted_and_the_others_still_aggregate(tiny_cfg
     _, _, _, honest = one_round(good)
     paths = [p for p in honest.paths if p.client_id != 0]
     weights = normalised_weights({p.client_id: good.clients[p.client_id].num_examples for p in paths}, "data_size")
+    # the robust bound (fed/robust.py) is the honest clients' own, from their raw scalars
+    scalars, _ = fed.server.clip.apply({p.client_id: honest.updates[p.client_id].scalars for p in paths})
     from dataclasses import replace
 
     expected = aggregate_paths(fed.runtime.initial_values, fed.params.mask,
-                               [replace(p, weight=weights[p.client_id]) for p in paths])
+                               [replace(p, weight=weights[p.client_id], scalars=scalars[p.client_id]) for p in paths])
     assert torch.equal(fed.server.values, expected)
 
 

@@ -181,7 +181,8 @@ def _tampered(plan, **changes):
     (lambda p: {"pool_positions": None, "pool_coefficients": np.full(K, 1e9, np.float32)}, "above the bound"),
     (lambda p: {"pool_size": 0}, "without a seed pool"),
     (lambda p: {"seeds": p.seeds + 1}, "not in the seed pool"),
-    (lambda p: {"synced_round": p.round}, "only cover changes after round"),
+    (lambda p: {"synced_round": p.round - 1}, "only cover changes after round"),
+    (lambda p: {"synced_round": p.round}, "'synced_round' = 1 is outside"),  # refused by the decoder itself
 ])
 def test_a_hostile_pool_message_is_rejected_and_the_client_recovers_exactly(tiny_cfg, changes, reason):
     fed = build_federation(pool_cfg(tiny_cfg))

@@ -19,6 +19,8 @@ import numpy as np
 from meerkat_fl.config import Config, MaskConfig, TaskConfig
 from meerkat_fl.errors import DataError
 from meerkat_fl.fed.client import Client, ClientRuntime
+from meerkat_fl.fed.messages import PlanLimits
+from meerkat_fl.fed.robust import ScalarClip
 from meerkat_fl.fed.seedpool import SeedPool
 from meerkat_fl.fed.server import Server
 from meerkat_fl.fed.strategies import make_strategy
@@ -200,7 +202,8 @@ def build_client_side(cfg: Config) -> ClientSide:
     params = MaskedParams(loaded.model, mask, cache_noise=wants_noise_cache(cfg.zo.noise_cache, mask))
     initial = params.gather()
     partition = partition_for(cfg, data.train_labels)
-    clients = {k: Client(k, idx, cfg.run.seed) for k, idx in enumerate(partition.clients)}
+    limits = PlanLimits(max_batch_size=cfg.zo.batch_size, max_local_steps=cfg.fed.local_steps)
+    clients = {k: Client(k, idx, cfg.run.seed, limits) for k, idx in enumerate(partition.clients)}
     runtime = ClientRuntime(params=params, scorer=data.scorer, train=data.train, initial_values=initial)
     return ClientSide(data, partition, params, clients, runtime)
 
@@ -218,5 +221,6 @@ def build_federation(cfg: Config) -> Federation:
         run_seed=cfg.run.seed, local_steps=cfg.fed.local_steps, lr=cfg.zo.lr, eps=cfg.zo.eps,
         batch_size=cfg.zo.batch_size, weighting=cfg.fed.weighting, downlink=cfg.fed.downlink,
         sample_fraction=cfg.fed.sample_fraction, sample_count=cfg.fed.sample_count, seed_pool=pool,
+        max_abs_scalar=cfg.fed.max_abs_scalar, clip=ScalarClip(cfg.fed.clip, cfg.fed.clip_factor),
     )
     return Federation(cfg, data, partition, params, server, clients, runtime)

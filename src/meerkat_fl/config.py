@@ -8,6 +8,7 @@ the Flower server app) read a Config; everything below takes plain arguments.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -134,6 +135,12 @@ class FedConfig:
     # coefficients: at most fedkseed.pool_size numbers; needs a pool); None: the method's default (values, or
     # pool for FedKSeed), set by validate
     downlink: str | None = None
+    # How far one accepted reply can move the model (fed/robust.py, README "Hostile clients"): each client's
+    # scalars are bounded by clip_factor x the lower median over the round's accepted replies, of the
+    # clients' scalar norms ("norm") or of every |scalar| ("scalar"); "none" keeps only the absolute cap.
+    clip: str = "norm"
+    clip_factor: float = 2.0
+    max_abs_scalar: float = 1e6  # a reply with any |scalar| above this is rejected whole
 
 
 @dataclass
@@ -210,6 +217,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fed.mixture_rest": ("dirichlet", "iid"),
     "fed.weighting": ("data_size", "uniform"),
     "fed.downlink": ("values", "scalars", "pool"),
+    "fed.clip": ("none", "norm", "scalar"),
     "fedkseed.sampling": SAMPLINGS,
     "zo.noise_cache": ("auto", "on", "off"),
     "fo.optimizer": tuple(FO_OPTIMIZERS),
@@ -221,7 +229,7 @@ POSITIVE = {
     "fed.num_clients", "fed.rounds",
     "fed.local_steps", "mask.calibration_sequences", "mask.calibration_seq_len", "mask.calibration_batch_size",
     "fed.alpha", "run.checkpoint_every", "fed.labels_per_client", "vp.calibration_steps", "vp.recheck_every",
-    "lora.rank", "lora.alpha", "fedkseed.pro_clip",
+    "lora.rank", "lora.alpha", "fedkseed.pro_clip", "fed.clip_factor", "fed.max_abs_scalar",
 }
 NON_NEGATIVE = {"zo.lr", "fo.lr", "train.steps", "train.eval_every", "run.eval_every", "fed.num_extreme", "vp.quiet_factor"}
 
@@ -382,6 +390,9 @@ def validate(cfg: Config) -> Config:
     _check_choices(flatten(cfg))
     resolve_method(cfg)
     flat = flatten(cfg)
+    for key, value in flat.items():  # NaN passes every range check below; inf trains nothing
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     for key in POSITIVE:
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")

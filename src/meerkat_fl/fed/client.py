@@ -14,7 +14,7 @@ import torch
 
 from meerkat_fl.errors import MessageRejected
 from meerkat_fl.fed.downlink import client_sync
-from meerkat_fl.fed.messages import ClientUpdate, RoundPlan
+from meerkat_fl.fed.messages import ClientUpdate, PlanLimits, RoundPlan, validate_plan
 from meerkat_fl.fed.seedpool import PoolModel, check_pool_seeds
 from meerkat_fl.fed.state import ClientState
 from meerkat_fl.local import FO_OPTIMIZERS, DataPointer, local_train, local_train_fo
@@ -33,8 +33,9 @@ class ClientRuntime:
 
 
 class Client:
-    def __init__(self, client_id: int, indices: np.ndarray, run_seed: int):
+    def __init__(self, client_id: int, indices: np.ndarray, run_seed: int, limits: PlanLimits | None = None):
         self.client_id, self.run_seed = client_id, run_seed
+        self.limits = limits or PlanLimits()  # the client's own bounds on what a plan may ask of it
         self.indices = np.asarray(indices, dtype=np.int64)
         self.pointer = DataPointer(len(self.indices), seed=int(np.random.default_rng([run_seed, client_id]).integers(2**62)))
         self.synced = ClientState()  # what the downlink left: the round held and its model ("scalars"/"pool")
@@ -59,6 +60,7 @@ class Client:
         """The round's starting global values, through the plan's downlink (``fed/downlink.py``). A plan that
         does not fit is rejected before any state changes."""
         who = f"client {self.client_id}"
+        validate_plan(plan, self.limits, who)  # before anything is allocated for the round
         if plan.pool_size:
             check_pool_seeds(plan.seeds, self.run_seed, plan.pool_size, who)
         values, self.synced = client_sync(plan, self.synced, mask=runtime.params.mask, mask_size=runtime.params.size,
@@ -84,7 +86,8 @@ class Client:
         return ClientUpdate(
             round=plan.round, client_id=self.client_id,
             scalars=np.asarray([s.scalar for s in steps], dtype=np.float32),
-            losses=np.asarray([s.loss for s in steps], dtype=np.float32),
+            # a skipped step has no finite loss: it is left out (and counted), so every loss sent is finite
+            losses=np.asarray([s.loss for s in steps if not s.skipped], dtype=np.float32),
             num_examples=self.num_examples,
             metrics={"skipped_steps": float(sum(s.skipped for s in steps))},
         )

@@ -3,35 +3,42 @@
 Down (server → client): a RoundPlan — the round, T seeds, the client's lr, and the global model either as
 the new masked values, as every client's (seed, scalar) path since the client last synced, or (FedKSeed's
 seed pool, ``fed/seedpool.py``) as the pool coefficients that changed since then.
-Up (client → server): a ClientUpdate — exactly T float32 scalars, plus the batch losses as metrics; or, when
-the plan's estimator is first order ("fo", the FedAvg upper bound), no scalars and the masked delta as float32
-``values`` (a first-order path cannot be replayed from seeds).
+Up (client → server): a ClientUpdate — exactly T float32 scalars, plus the finite batch losses as metrics; or,
+when the plan's estimator is first order ("fo", the FedAvg upper bound), no scalars and the masked delta as
+float32 ``values`` (a first-order path cannot be replayed from seeds).
 
-Wire format: b"MKT1", a kind byte, a uint32 header length, a UTF-8 JSON header, then raw little-endian
-arrays whose dtype and length the header declares. ``len(encode(msg))`` is what the byte accounting
-counts. Decoding trusts nothing: size limits, dtype whitelist, lengths, finite values.
+Wire format: ``fed/wire.py`` (a framed JSON header plus raw arrays). Decoding trusts nothing and is total:
+any byte string decodes into range-checked values or raises MessageRejected. ``validate_update`` then
+checks a reply against the plan it answers, and ``validate_plan`` a plan against the client's own limits.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from meerkat_fl.errors import MessageRejected
+from meerkat_fl.fed.wire import as_float, finite, pack, read_float, read_int, unpack
 
-MAGIC = b"MKT1"
 KIND_PLAN, KIND_UPDATE = 1, 2
-MAX_HEADER_BYTES = 1 << 20
-DTYPES = {"float32": np.dtype("<f4"), "int32": np.dtype("<i4"), "int64": np.dtype("<i8")}
 MAX_POOL_SIZE = 1 << 24
 MAX_COEFFICIENT = 1e5  # |pool coefficient| bound [choice]: keeps the fixed-point terms in int64 (seedpool.py)
+MAX_ROUND = MAX_CLIENT_ID = 2**31 - 1
+MAX_BATCH_SIZE = 2**31 - 1  # the wire's bound; a client applies its own, far smaller one (PlanLimits)
+MAX_METRICS = 64  # a reply's metrics: at most this many, names of at most MAX_METRIC_NAME characters
+MAX_METRIC_NAME = 64
+PLAN_FIELDS = ("round", "client_id", "lr", "eps", "batch_size", "synced_round", "pool_size", "paths", "estimator",
+               "optimizer")
+PLAN_ARRAYS = {"seeds": "int64", "values": "float32", "path_seeds": "int64", "path_scalars": "float32",
+               "pool_positions": "int32", "pool_coefficients": "float32"}
+UPDATE_FIELDS = ("round", "client_id", "num_examples", "metrics")
+UPDATE_ARRAYS = {"scalars": "float32", "losses": "float32", "values": "float32"}
+UPDATE_REQUIRED = ("scalars", "losses")
 # What a client computes locally -> what it uploads: seed scalars (zeroth order) or a masked delta (first order)
 UPLINKS = {"zo": "scalars", "fo": "values"}
+MAX_NAME = 32  # characters of an estimator or optimiser name
 
 
 @dataclass(frozen=True)
@@ -69,67 +76,10 @@ class ClientUpdate:
     round: int
     client_id: int
     scalars: np.ndarray  # float32 [T]
-    losses: np.ndarray  # float32 [T]: batch-loss estimates (metrics only)
+    losses: np.ndarray  # float32 [<= T]: batch-loss estimates of the steps not skipped (metrics, FedMeZO)
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
     values: np.ndarray | None = None  # float32 masked delta w_k^T - w^{r-1} (first-order estimator only)
-
-
-def _pack(kind: int, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    header = dict(header)
-    header["arrays"] = []
-    chunks = []
-    for name, array in arrays.items():
-        dtype = "float32" if array.dtype.kind == "f" else "int32" if array.dtype == np.int32 else "int64"
-        data = np.ascontiguousarray(array, dtype=DTYPES[dtype]).tobytes()
-        header["arrays"].append([name, dtype, int(array.size)])
-        chunks.append(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join([MAGIC, bytes([kind]), struct.pack("<I", len(head)), head, *chunks])
-
-
-def _unpack(data: bytes, kind: int, who: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise MessageRejected(f"{who}: message is {type(data).__name__}, not bytes")
-    data = bytes(data)
-    if len(data) < 9 or data[:4] != MAGIC or data[4] != kind:
-        raise MessageRejected(f"{who}: not a meerkat message of the expected kind")
-    (head_len,) = struct.unpack("<I", data[5:9])
-    if head_len > MAX_HEADER_BYTES or 9 + head_len > len(data):
-        raise MessageRejected(f"{who}: header length {head_len} is out of bounds")
-    try:
-        header = json.loads(data[9 : 9 + head_len])
-        specs = header.pop("arrays")
-        assert isinstance(header, dict) and isinstance(specs, list)
-    except (ValueError, KeyError, AssertionError, AttributeError):
-        raise MessageRejected(f"{who}: header is not valid JSON of the expected shape") from None
-    arrays, offset = {}, 9 + head_len
-    for spec in specs:
-        try:
-            name, dtype, count = spec
-            dt = DTYPES[dtype]
-            count = int(count)
-        except (ValueError, TypeError, KeyError):
-            raise MessageRejected(f"{who}: malformed array spec {spec!r}") from None
-        end = offset + count * dt.itemsize
-        if count < 0 or end > len(data):
-            raise MessageRejected(f"{who}: array {name!r} runs past the end of the message")
-        arrays[name] = np.frombuffer(data, dtype=dt, count=count, offset=offset)
-        offset = end
-    if offset != len(data):
-        raise MessageRejected(f"{who}: {len(data) - offset} trailing bytes")
-    return header, arrays
-
-
-def _field(header: dict[str, Any], key: str, kind: type, who: str) -> Any:
-    value = header.get(key)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise MessageRejected(f"{who}: field {key!r} is missing or not {kind.__name__}")
-    if kind is float and not math.isfinite(value):
-        raise MessageRejected(f"{who}: field {key!r} is not finite")
-    return value
 
 
 def encode_plan(plan: RoundPlan) -> bytes:
@@ -140,57 +90,84 @@ def encode_plan(plan: RoundPlan) -> bytes:
     }
     if plan.estimator != "zo":  # only a first-order plan says so: zeroth-order plans keep their bytes
         header.update(estimator=plan.estimator, optimizer=plan.optimizer)
-    arrays = {"seeds": np.asarray(plan.seeds, dtype=np.int64)}
+    arrays = {"seeds": plan.seeds}
     if plan.values is not None:
-        arrays["values"] = np.asarray(plan.values, dtype=np.float32)
+        arrays["values"] = plan.values
     if plan.paths:
-        arrays["path_seeds"] = np.concatenate([p.seeds for p in plan.paths]).astype(np.int64)
-        arrays["path_scalars"] = np.concatenate([p.scalars for p in plan.paths]).astype(np.float32)
+        arrays["path_seeds"] = np.concatenate([p.seeds for p in plan.paths])
+        arrays["path_scalars"] = np.concatenate([p.scalars for p in plan.paths])
     if plan.pool_positions is not None:
-        arrays["pool_positions"] = np.asarray(plan.pool_positions, dtype=np.int32)
+        arrays["pool_positions"] = plan.pool_positions
     if plan.pool_coefficients is not None:
-        arrays["pool_coefficients"] = np.asarray(plan.pool_coefficients, dtype=np.float32)
-    return _pack(KIND_PLAN, header, arrays)
+        arrays["pool_coefficients"] = plan.pool_coefficients
+    return pack(KIND_PLAN, header, arrays, PLAN_ARRAYS)
 
 
 def decode_plan(data: bytes) -> RoundPlan:
+    """The plan in ``data``, every field range-checked; MessageRejected on anything else (never another error)."""
     who = "round plan"
-    header, arrays = _unpack(data, KIND_PLAN, who)
-    paths, offset = [], 0
-    path_seeds = arrays.get("path_seeds", np.zeros(0, np.int64))
-    path_scalars = arrays.get("path_scalars", np.zeros(0, np.float32))
-    for entry in header.get("paths", []):
-        try:
-            rnd, cid, weight, lr, count = entry
-            count = int(count)
-        except (ValueError, TypeError):
-            raise MessageRejected(f"{who}: malformed path entry {entry!r}") from None
-        if offset + count > min(path_seeds.size, path_scalars.size):
-            raise MessageRejected(f"{who}: path entries exceed the path arrays")
-        paths.append(ClientPath(int(rnd), int(cid), float(weight), float(lr),
-                                path_seeds[offset : offset + count], path_scalars[offset : offset + count]))
-        offset += count
-    pool_size = header.get("pool_size", 0)
-    if not isinstance(pool_size, int) or isinstance(pool_size, bool) or not 0 <= pool_size <= MAX_POOL_SIZE:
-        raise MessageRejected(f"{who}: pool size {pool_size!r} is out of range (0..{MAX_POOL_SIZE})")
+    header, arrays = unpack(data, KIND_PLAN, PLAN_FIELDS, PLAN_ARRAYS, who)
+    round_index = read_int(header, "round", who, 0, MAX_ROUND)
+    synced_round = read_int(header, "synced_round", who, -1, round_index - 1)
+    if "seeds" not in arrays:
+        raise MessageRejected(f"{who}: no seeds")
+    paths = _decode_paths(header.get("paths", []), arrays, round_index, synced_round, who)
+    pool_size = read_int(header, "pool_size", who, 0, MAX_POOL_SIZE, default=0)
     positions, coefficients = arrays.get("pool_positions"), arrays.get("pool_coefficients")
     if coefficients is not None:
         validate_pool(pool_size, positions, coefficients, who)
     elif positions is not None:
         raise MessageRejected(f"{who}: pool positions without pool coefficients")
-    estimator, optimizer = header.get("estimator", "zo"), header.get("optimizer", "sgd")
-    if not isinstance(estimator, str) or estimator not in UPLINKS:
+    estimator = _read_name(header, "estimator", "zo", who)
+    if estimator not in UPLINKS:
         raise MessageRejected(f"{who}: unknown estimator {estimator!r} (known: {', '.join(UPLINKS)})")
-    if not isinstance(optimizer, str):
-        raise MessageRejected(f"{who}: field 'optimizer' is not str")
+    optimizer = _read_name(header, "optimizer", "sgd", who)
+    values = arrays.get("values")
+    if (values is not None) + bool(paths) + (coefficients is not None) > 1:
+        raise MessageRejected(f"{who}: carries more than one kind of downlink")
     return RoundPlan(
-        round=_field(header, "round", int, who), client_id=_field(header, "client_id", int, who),
-        seeds=arrays.get("seeds", np.zeros(0, np.int64)), lr=_field(header, "lr", float, who),
-        eps=_field(header, "eps", float, who), batch_size=_field(header, "batch_size", int, who),
-        values=arrays.get("values"), paths=tuple(paths), synced_round=_field(header, "synced_round", int, who),
-        pool_size=pool_size, pool_positions=positions, pool_coefficients=coefficients,
+        round=round_index, client_id=read_int(header, "client_id", who, 0, MAX_CLIENT_ID),
+        seeds=arrays["seeds"],
+        # lr 0 is legitimate (FedMeZO floors a personalised lr at 0); eps 0 would divide by zero
+        lr=read_float(header, "lr", who, 0.0), eps=read_float(header, "eps", who, 0.0, low_open=True),
+        batch_size=read_int(header, "batch_size", who, 1, MAX_BATCH_SIZE),
+        values=None if values is None else finite(values, "values", who), paths=paths,
+        synced_round=synced_round, pool_size=pool_size, pool_positions=positions, pool_coefficients=coefficients,
         estimator=estimator, optimizer=optimizer,
     )
+
+
+def _read_name(header: dict[str, Any], key: str, default: str, who: str) -> str:
+    value = header.get(key, default)
+    if not isinstance(value, str) or len(value) > MAX_NAME:
+        raise MessageRejected(f"{who}: field {key!r} must be a name of at most {MAX_NAME} characters")
+    return value
+
+
+def _decode_paths(entries: Any, arrays: dict[str, np.ndarray], round_index: int, synced_round: int,
+                  who: str) -> tuple[ClientPath, ...]:
+    """The "scalars" downlink's paths: rounds after ``synced_round`` and before this one, exactly tiling
+    the path arrays."""
+    seeds = arrays.get("path_seeds", np.zeros(0, np.int64))
+    scalars = finite(arrays.get("path_scalars", np.zeros(0, np.float32)), "path scalars", who)
+    if not isinstance(entries, list):
+        raise MessageRejected(f"{who}: paths must be a list")
+    paths, offset = [], 0
+    for entry in entries:
+        if not isinstance(entry, list) or len(entry) != 5:
+            raise MessageRejected(f"{who}: malformed path entry {str(entry)[:80]}")
+        plain = dict(zip(("round", "client_id", "count"), (entry[0], entry[1], entry[4])))
+        rnd = read_int(plain, "round", who, synced_round + 1, round_index - 1)
+        cid = read_int(plain, "client_id", who, 0, MAX_CLIENT_ID)
+        count = read_int(plain, "count", who, 0, seeds.size - offset)
+        weight = as_float(entry[2], "path weight", who, 0.0, 1.0)
+        lr = as_float(entry[3], "path lr", who, 0.0)
+        paths.append(ClientPath(rnd, cid, weight, lr, seeds[offset : offset + count], scalars[offset : offset + count]))
+        offset += count
+    if not offset == seeds.size == scalars.size:
+        raise MessageRejected(f"{who}: path entries cover {offset} steps, the path arrays hold "
+                              f"{seeds.size} seeds and {scalars.size} scalars")
+    return tuple(paths)
 
 
 def validate_pool(pool_size: int, positions: np.ndarray | None, coefficients: np.ndarray, who: str) -> None:
@@ -223,46 +200,54 @@ def validate_pool(pool_size: int, positions: np.ndarray | None, coefficients: np
 def encode_update(update: ClientUpdate) -> bytes:
     header = {"round": update.round, "client_id": update.client_id, "num_examples": update.num_examples,
               "metrics": update.metrics}
-    arrays = {"scalars": np.asarray(update.scalars, dtype=np.float32),
-              "losses": np.asarray(update.losses, dtype=np.float32)}
+    arrays = {"scalars": update.scalars, "losses": update.losses}
     if update.values is not None:
         arrays["values"] = np.asarray(update.values, dtype=np.float32)
-    return _pack(KIND_UPDATE, header, arrays)
+    return pack(KIND_UPDATE, header, arrays, UPDATE_ARRAYS)
 
 
 def decode_update(data: bytes, who: str = "client update") -> ClientUpdate:
-    header, arrays = _unpack(data, KIND_UPDATE, who)
-    if "scalars" not in arrays or arrays["scalars"].dtype != np.float32:
-        raise MessageRejected(f"{who}: no float32 scalars")
-    if "values" in arrays and arrays["values"].dtype != np.float32:
-        raise MessageRejected(f"{who}: values are {arrays['values'].dtype}, not float32")
+    """The reply in ``data``, every field range-checked; MessageRejected on anything else (never another error)."""
+    header, arrays = unpack(data, KIND_UPDATE, UPDATE_FIELDS, UPDATE_ARRAYS, who)
+    for name in UPDATE_REQUIRED:
+        if name not in arrays:
+            raise MessageRejected(f"{who}: no {name}")
     metrics = header.get("metrics", {})
-    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
-        raise MessageRejected(f"{who}: metrics must be a flat mapping of numbers")
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise MessageRejected(f"{who}: metrics must be a mapping of at most {MAX_METRICS} numbers")
+    for key, value in metrics.items():
+        if len(key) > MAX_METRIC_NAME:
+            raise MessageRejected(f"{who}: metric name {key[:MAX_METRIC_NAME]!r}... is too long")
+        metrics[key] = as_float(value, f"metric {key!r}", who, -float("inf"))
     return ClientUpdate(
-        round=_field(header, "round", int, who), client_id=_field(header, "client_id", int, who),
-        scalars=arrays["scalars"], losses=arrays.get("losses", np.zeros(0, np.float32)),
-        num_examples=_field(header, "num_examples", int, who), metrics=dict(metrics), values=arrays.get("values"),
+        round=read_int(header, "round", who, 0, MAX_ROUND), client_id=read_int(header, "client_id", who, 0, MAX_CLIENT_ID),
+        scalars=finite(arrays["scalars"], "scalars", who), losses=finite(arrays["losses"], "losses", who),
+        num_examples=read_int(header, "num_examples", who, 0), metrics=metrics,
+        values=None if "values" not in arrays else finite(arrays["values"], "values", who),
     )
 
 
-def validate_update(update: ClientUpdate, plan: RoundPlan, max_abs_scalar: float, num_values: int) -> None:
+def validate_update(update: ClientUpdate, plan: RoundPlan, max_abs_scalar: float, num_values: int = 0) -> None:
     """Raise MessageRejected unless ``update`` answers ``plan``: same round and client, and what the plan's
-    estimator uploads: exactly one finite, bounded scalar per issued seed (zeroth order), or no scalars and
-    ``num_values`` finite delta values, one per masked coordinate (first order)."""
+    estimator uploads: exactly one finite scalar of magnitude at most ``max_abs_scalar`` per issued seed
+    (zeroth order), or no scalars and ``num_values`` finite delta values, one per masked coordinate (first
+    order); at most one finite loss per step (a skipped step has none) and finite metrics. Checks again what
+    decoding checked: updates built in memory (tests, other transports) meet the same rules."""
     who = f"client {plan.client_id}"
     if update.round != plan.round or update.client_id != plan.client_id:
         raise MessageRejected(f"{who}: reply is for round {update.round} / client {update.client_id}, "
                               f"expected round {plan.round}")
     if update.num_examples < 0:
         raise MessageRejected(f"{who}: negative num_examples")
-    if UPLINKS[plan.estimator] == "values":
+    if UPLINKS.get(plan.estimator) == "values":
         if update.values is None or update.scalars.size:
             raise MessageRejected(f"{who}: a first-order reply carries values and no scalars")
         if update.values.size != num_values:
             raise MessageRejected(f"{who}: sent {update.values.size} values for {num_values} masked coordinates")
         if not np.isfinite(update.values).all():
             raise MessageRejected(f"{who}: non-finite value")
+        if update.losses.size > plan.seeds.size or not np.isfinite(update.losses).all():
+            raise MessageRejected(f"{who}: losses must be finite, at most one per step")
         return
     if update.values is not None:
         raise MessageRejected(f"{who}: a zeroth-order reply carries scalars, not values")
@@ -272,3 +257,34 @@ def validate_update(update: ClientUpdate, plan: RoundPlan, max_abs_scalar: float
         raise MessageRejected(f"{who}: non-finite scalar")
     if np.abs(update.scalars).max(initial=0.0) > max_abs_scalar:
         raise MessageRejected(f"{who}: scalar magnitude above the bound {max_abs_scalar:g}")
+    if update.losses.size > plan.seeds.size:
+        raise MessageRejected(f"{who}: sent {update.losses.size} losses for {plan.seeds.size} local steps")
+    if not np.isfinite(update.losses).all():
+        raise MessageRejected(f"{who}: non-finite loss")
+    if not all(np.isfinite(v) for v in update.metrics.values()):
+        raise MessageRejected(f"{who}: non-finite metric")
+    if update.num_examples < 0:
+        raise MessageRejected(f"{who}: negative num_examples")
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """What a client accepts from a plan, from its own config (a hostile or buggy server cannot make it
+    allocate or loop beyond these): at most ``max_local_steps`` seeds, a batch size in [1, max_batch_size]."""
+
+    max_batch_size: int = 1024
+    max_local_steps: int = 1024
+
+
+def validate_plan(plan: RoundPlan, limits: PlanLimits, who: str = "client") -> None:
+    """Raise MessageRejected unless ``plan`` fits the client's limits and is well formed (finite positive
+    eps, finite lr >= 0). Runs before the client allocates anything for the round."""
+    if plan.seeds.size > limits.max_local_steps:
+        raise MessageRejected(f"{who}: plan asks for {plan.seeds.size} local steps, this client allows at most "
+                              f"{limits.max_local_steps}")
+    if not 1 <= plan.batch_size <= limits.max_batch_size:
+        raise MessageRejected(f"{who}: plan's batch size {plan.batch_size} is outside [1, {limits.max_batch_size}]")
+    as_float(plan.eps, "plan eps", who, 0.0, low_open=True)
+    as_float(plan.lr, "plan lr", who, 0.0)
+    if plan.round < 0:
+        raise MessageRejected(f"{who}: plan for negative round {plan.round}")

@@ -26,6 +26,7 @@ from meerkat_fl.fed.messages import (
     encode_plan,
     validate_update,
 )
+from meerkat_fl.fed.robust import ScalarClip
 from meerkat_fl.fed.seedpool import SeedPool
 from meerkat_fl.fed.strategies import ClientInstructions, Strategy
 from meerkat_fl.local import step_seeds
@@ -95,7 +96,7 @@ class Server:
         self, mask: Mask, values: torch.Tensor, strategy: Strategy, *, client_sizes: dict[int, int], run_seed: int,
         local_steps: int, lr: float, eps: float, batch_size: int, weighting: str = "data_size",
         downlink: str = "values", sample_fraction: float = 1.0, sample_count: int | None = None,
-        max_abs_scalar: float = 1e6, seed_pool: SeedPool | None = None,
+        max_abs_scalar: float = 1e6, seed_pool: SeedPool | None = None, clip: ScalarClip | None = None,
     ):
         self.mask, self.values, self.strategy = mask, values, strategy
         self.client_sizes = dict(client_sizes)
@@ -104,6 +105,7 @@ class Server:
         self.sample_fraction, self.sample_count, self.max_abs_scalar = sample_fraction, sample_count, max_abs_scalar
         self.seed_pool = seed_pool
         self.link = server_downlink(downlink, client_sizes, seed_pool)
+        self.clip = clip or ScalarClip()  # bounds each accepted client's scalars by the round's median (robust.py)
         self.round = 0
         self.rejected_total = 0
 
@@ -160,11 +162,12 @@ class Server:
                 continue
             updates[cid] = update
         weights = normalised_weights({cid: self.client_sizes[cid] for cid in updates}, self.weighting) if updates else {}
-        # a validated reply has one scalar per seed, or none (a first-order client: an empty path, its delta
-        # in ``updates``), so the path is the seeds its scalars answer
+        # the clipped scalars are aggregated AND sent on the "scalars" downlink: replay stays exact. A first-order
+        # reply has no scalars (an empty path; its delta is in ``updates``), so the path is the seeds it answers
+        scalars, clip_metrics = self.clip.apply({cid: u.scalars for cid, u in updates.items() if u.scalars.size})
         paths = [
             ClientPath(self.round, cid, weights[cid], plans[cid].lr, plans[cid].seeds[: updates[cid].scalars.size],
-                       updates[cid].scalars)
+                       scalars.get(cid, updates[cid].scalars))
             for cid in sorted(updates)
         ]
         pool_metrics: dict[str, Any] = {}
@@ -179,7 +182,7 @@ class Server:
 
         outcome = self.strategy.aggregate(self.round, self.values, self.mask, paths, updates, combine)
         self.values = outcome.values
-        metrics = {**outcome.metrics, **pool_metrics}
+        metrics = {**outcome.metrics, **pool_metrics, **clip_metrics}
         self.link.record_round(self.round, plans, {cid for cid in plans if replies.get(cid) is not None}, paths)
         self.rejected_total += len(rejected)
         result = RoundResult(

@@ -92,9 +92,13 @@ class FedMeZOStrategy:
         self, round_index: int, start: torch.Tensor, mask: Mask, paths: Sequence[ClientPath],
         updates: Mapping[int, ClientUpdate], combine: Combine,
     ) -> RoundOutcome:
+        reported = {}  # clients with a loss this round: one whose steps were all skipped sends none (not 0)
         for cid, update in updates.items():
-            self.loss_history.setdefault(cid, []).append(float(np.mean(update.losses)) if update.losses.size else 0.0)
-        signals = self._signals(start, mask, paths, updates)
+            losses = update.losses[np.isfinite(update.losses)]
+            if losses.size:
+                self.loss_history.setdefault(cid, []).append(float(np.mean(losses)))
+                reported[cid] = update
+        signals = self._signals(start, mask, paths, reported)
         finite = {cid: d for cid, d in signals.items() if math.isfinite(d)}
         self.phi.update({cid: 0.0 for cid in signals if cid not in finite})
         self.phi.update(heterogeneity_index(finite))
