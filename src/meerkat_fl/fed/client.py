@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from meerkat_fl.errors import MessageRejected
 from meerkat_fl.fed.downlink import client_sync
 from meerkat_fl.fed.messages import ClientUpdate, RoundPlan
 from meerkat_fl.fed.seedpool import PoolModel, check_pool_seeds
 from meerkat_fl.fed.state import ClientState
 from meerkat_fl.local import DataPointer, local_train
+from meerkat_fl.noise import check_noise
 from meerkat_fl.tasks import EncodedSplit, Scorer
 from meerkat_fl.zo import MaskedParams
 
@@ -57,10 +59,12 @@ class Client:
         """The round's starting global values, through the plan's downlink (``fed/downlink.py``). A plan that
         does not fit is rejected before any state changes."""
         who = f"client {self.client_id}"
+        check_noise(runtime.params.noise.name, plan.noise, f"{who}: the round plan", MessageRejected)
         if plan.pool_size:
             check_pool_seeds(plan.seeds, self.run_seed, plan.pool_size, who)
         values, self.synced = client_sync(plan, self.synced, mask=runtime.params.mask, mask_size=runtime.params.size,
-                                          initial=runtime.initial_values, run_seed=self.run_seed, who=who)
+                                          initial=runtime.initial_values, run_seed=self.run_seed, who=who,
+                                          noise=runtime.params.noise)
         return values
 
     def fit(self, plan: RoundPlan, runtime: ClientRuntime) -> ClientUpdate:

@@ -56,6 +56,7 @@ class RoundPlan:
     pool_size: int = 0  # K of the seed pool the seeds come from; 0 = no pool (fresh seeds)
     pool_positions: np.ndarray | None = None  # int32, increasing: which coefficients follow (None = all K)
     pool_coefficients: np.ndarray | None = None  # float32: their current values (downlink "pool")
+    noise: str | None = None  # the noise source's versioned name (noise.py); None: sent before it existed
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ def encode_plan(plan: RoundPlan) -> bytes:
         "batch_size": plan.batch_size, "synced_round": plan.synced_round, "pool_size": plan.pool_size,
         "paths": [[p.round, p.client_id, p.weight, p.lr, int(p.seeds.size)] for p in plan.paths],
     }
+    if plan.noise is not None:
+        header["noise"] = plan.noise
     arrays = {"seeds": np.asarray(plan.seeds, dtype=np.int64)}
     if plan.values is not None:
         arrays["values"] = np.asarray(plan.values, dtype=np.float32)
@@ -164,6 +167,9 @@ def decode_plan(data: bytes) -> RoundPlan:
     pool_size = header.get("pool_size", 0)
     if not isinstance(pool_size, int) or isinstance(pool_size, bool) or not 0 <= pool_size <= MAX_POOL_SIZE:
         raise MessageRejected(f"{who}: pool size {pool_size!r} is out of range (0..{MAX_POOL_SIZE})")
+    noise = header.get("noise")
+    if noise is not None and (not isinstance(noise, str) or not 0 < len(noise) <= 64):
+        raise MessageRejected(f"{who}: field 'noise' is not a noise name")
     positions, coefficients = arrays.get("pool_positions"), arrays.get("pool_coefficients")
     if coefficients is not None:
         validate_pool(pool_size, positions, coefficients, who)
@@ -174,7 +180,7 @@ def decode_plan(data: bytes) -> RoundPlan:
         seeds=arrays.get("seeds", np.zeros(0, np.int64)), lr=_field(header, "lr", float, who),
         eps=_field(header, "eps", float, who), batch_size=_field(header, "batch_size", int, who),
         values=arrays.get("values"), paths=tuple(paths), synced_round=_field(header, "synced_round", int, who),
-        pool_size=pool_size, pool_positions=positions, pool_coefficients=coefficients,
+        pool_size=pool_size, pool_positions=positions, pool_coefficients=coefficients, noise=noise,
     )
 
 
