@@ -53,7 +53,8 @@ class MeZOReference:
     ``zo_update`` re-seeds and draws again for ``param.data -= lr * projected_grad * z``: four draws."""
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[], float], eps: float, lr: float) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        # MeZO's full-parameter runs perturb every parameter (ours are frozen for autograd: requires_grad=False)
+        self.params = list(model.parameters())
         self.loss_fn, self.eps, self.lr, self.seed = loss_fn, eps, lr, 0
 
     @torch.no_grad()
