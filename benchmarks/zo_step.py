@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from zo_noise import SOURCES, MeZOReference, noise_throughput, replay_seconds
+from zo_noise import noise_phases, noise_rows
 
 from meerkat_fl import memory
 from meerkat_fl.errors import MeerkatError
@@ -51,7 +51,6 @@ from meerkat_fl.zo import MaskedParams, apply_step, segment_noise, wants_noise_c
 MODEL = "smollm2"
 BATCH_SIZE, SEQ_LEN = 8, 64
 SHORT_LEN = 33  # the issue's second shape: a short SST-2 batch, where per-tensor writes weigh more
-REPLAY_STEPS = 10  # a dense path the server replays (T = 10 local steps)
 DENSITY = 1e-3
 EPS = 1e-3
 LR = 1e-7  # tiny, so the repeated steps leave the weights (and so the forward cost) where they were
@@ -276,47 +275,8 @@ def time_steps(data_dir: Path, reps: int, warmup: int) -> tuple[dict, Mask]:
     result["sparse_masked_values"], result["dense_masked_values"] = sparse[0].size, dense[0].size
     result["batch_source"] = work.batch_source
     result.update(time_scorers(work, reps, warmup))
-    result.update(noise_phases(work, sparse, dense, reps, warmup))
+    result.update(noise_phases(work, sparse, dense, reps, warmup, paired=paired, eps=EPS, lr=LR))
     return result, sparse[0].mask
-
-
-def noise_phases(work: Workloads, sparse, dense, reps: int, warmup: int) -> dict:
-    """The noise generators' phases (issue 18), paired with two forwards like the others: sparse at 8 x 33
-    tokens, sparse and dense with Philox, MeZO's reference dense step, server replay, raw throughput."""
-    slow = max(2, reps // 3)  # a dense Philox step costs tens of seconds on a 2-core CPU
-    out: dict = {}
-    long_loss = work.loss_fn
-    work.loss_fn = work.short_loss_fn  # the same model, an 8 x 33 batch
-    try:
-        _, _, ratios = paired(work.two_forward, lambda: work.step(*sparse), reps, warmup)
-        out["sparse_short_over_two_forward"] = statistics.median(ratios)
-    finally:
-        work.loss_fn = long_loss
-    philox_sparse = work.bind("sparse", SOURCES["philox/gaussian"])
-    _, _, ratios = paired(work.two_forward, lambda: work.step(*philox_sparse), reps, warmup)
-    out["sparse_philox_over_two_forward"] = statistics.median(ratios)
-    dense_steps = {}
-    for name in ("philox/gaussian", "philox/rademacher", "torch_cpu/rademacher"):
-        bound = work.bind("dense", SOURCES[name])
-        forward_s, step_s, ratios = paired(work.two_forward, lambda b=bound: work.step(*b), slow, 0)
-        dense_steps[name] = {"step_s": statistics.median(step_s), "over_two_forward": statistics.median(ratios),
-                             "ratios": ratios, "two_forward_s": forward_s}
-    out["dense_by_noise"] = dense_steps
-    out["dense_philox_over_two_forward"] = dense_steps["philox/gaussian"]["over_two_forward"]
-    mezo = MeZOReference(work.model, work.loss_fn, EPS, LR)
-    forward_s, step_s, ratios = paired(work.two_forward, mezo.step, slow, 1)
-    dense[0].write(dense[1])  # undo the reference step's drift (it restores by arithmetic)
-    out["mezo_reference_step_s"] = statistics.median(step_s)
-    out["mezo_reference_over_two_forward"] = statistics.median(ratios)
-    one_forward = statistics.median(seconds(work.loss_fn) for _ in range(3))
-    replay_ratio = {}
-    for name, steps in (("torch_cpu/gaussian", REPLAY_STEPS), ("philox/gaussian", 2)):
-        elapsed = replay_seconds(dense[1], dense[0].mask, SOURCES[name], steps, LR)
-        replay_ratio[name] = {"steps_timed": steps, "seconds_per_step": elapsed / steps,
-                              f"{REPLAY_STEPS}_step_path_over_one_forward": REPLAY_STEPS * elapsed / steps / one_forward}
-    out["one_forward_s"], out["dense_replay"] = one_forward, replay_ratio
-    out["noise_values_per_s"] = noise_throughput()
-    return out
 
 
 class CachedNoiseWriter:
@@ -432,6 +392,7 @@ def main() -> None:
     parser.add_argument("--skip-cold-load", action="store_true", help="skip the ~25 s GGUF conversion")
     parser.add_argument("--only-scorers", action="store_true",
                         help="only time the label scorers (writes benchmarks/results/scorer_cost.json)")
+    parser.add_argument("--skip-load", action="store_true", help="skip the load timings (warm and cold)")
     parser.add_argument("--measure-peak", choices=list(PEAK_WORKLOADS), help=argparse.SUPPRESS)
     parser.add_argument("--measure-load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mask", type=Path, help=argparse.SUPPRESS)
@@ -466,14 +427,15 @@ def main() -> None:
     result["dense_step_peak_over_inference"] = result["dense_step_peak_mb"] / result["inference_peak_mb"]
     result["dense_cached_over_dense_step_time"] = result["dense_cached_step_s"] / result["dense_step_s"]
 
-    warm = [run_child(["--measure-load"]) for _ in range(3)]
-    result["warm_load_s"] = statistics.median(w["load_s"] for w in warm)
-    result["warm_reload_in_process_s"] = statistics.median(w["reload_s"] for w in warm)
-    result["import_transformers_s"] = statistics.median(w["import_s"] for w in warm)
-    if not args.skip_cold_load:
-        with tempfile.TemporaryDirectory() as cache:
-            cold = run_child(["--measure-load"], env={**os.environ, "MEERKAT_CACHE": cache})
-        result["cold_load_s"] = cold["load_s"]
+    if not args.skip_load:
+        warm = [run_child(["--measure-load"]) for _ in range(3)]
+        result["warm_load_s"] = statistics.median(w["load_s"] for w in warm)
+        result["warm_reload_in_process_s"] = statistics.median(w["reload_s"] for w in warm)
+        result["import_transformers_s"] = statistics.median(w["import_s"] for w in warm)
+        if not args.skip_cold_load:
+            with tempfile.TemporaryDirectory() as cache:
+                cold = run_child(["--measure-load"], env={**os.environ, "MEERKAT_CACHE": cache})
+            result["cold_load_s"] = cold["load_s"]
     result["goals"] = {
         key: {"goal": goal, "value": result[key], "met": result[key] <= goal} for key, goal in GOALS.items()
     }
@@ -511,20 +473,6 @@ def cpu_model() -> str:
     return match.group(1).strip() if match else ""
 
 
-def noise_rows(r: dict) -> list[tuple[str, str, str]]:
-    """The table rows of ``noise_phases`` (step ratios over two forwards; replay over one forward)."""
-    rows = [("sparse step, 8 x 33 tokens", "", f"{r['sparse_short_over_two_forward']:.3f}"),
-            ("sparse step, philox/gaussian", "", f"{r['sparse_philox_over_two_forward']:.3f}")]
-    for name, d in r["dense_by_noise"].items():
-        rows.append((f"dense step, {name}", f"{d['step_s']:.3f} s", f"{d['over_two_forward']:.3f}"))
-    rows.append(("dense step, MeZO reference (4 draws)", f"{r['mezo_reference_step_s']:.3f} s",
-                 f"{r['mezo_reference_over_two_forward']:.3f}"))
-    for name, d in r["dense_replay"].items():
-        rows.append((f"replay {REPLAY_STEPS} dense steps, {name}", f"{d['seconds_per_step'] * REPLAY_STEPS:.2f} s",
-                     f"{d[f'{REPLAY_STEPS}_step_path_over_one_forward']:.1f} fwd"))
-    return rows
-
-
 def print_table(r: dict) -> None:
     sp, dp, pp = r["sparse_parts"], r["dense_parts"], r["sparse_parts_prototype"]
     ms = lambda x: f"{x * 1e3:.1f} ms"
@@ -557,9 +505,10 @@ def print_table(r: dict) -> None:
         ("peak RSS, dense step, noise cached", *mb("dense_cached_step_peak")),
         ("sparse peak / inference peak", f"{r['sparse_step_peak_over_inference']:.3f}", ""),
         ("lifetime peak (load), inference", f"{r['inference_peak_ru_maxrss_mb']:.0f} MB", ""),
-        ("warm load, fresh process", f"{r['warm_load_s']:.2f} s", ""),
-        ("warm load, again in-process", f"{r['warm_reload_in_process_s']:.2f} s", ""),
     ]
+    if "warm_load_s" in r:
+        rows += [("warm load, fresh process", f"{r['warm_load_s']:.2f} s", ""),
+                 ("warm load, again in-process", f"{r['warm_reload_in_process_s']:.2f} s", "")]
     if "cold_load_s" in r:
         rows.append(("cold load (GGUF conversion)", f"{r['cold_load_s']:.2f} s", ""))
     rows += noise_rows(r)
