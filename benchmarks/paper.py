@@ -55,6 +55,9 @@ BASE = [
     "fed.num_clients=10", "fed.sample_count=5", "fed.rounds=8", "fed.local_steps=2", "fed.partition='dirichlet'",
     "fed.alpha=0.5", "fed.downlink='values'", "run.eval_every=4", "run.checkpoint_every=4",
     "fed.clip='none'",  # the paper's aggregation, as every cached cell ran (the robust clip came later)
+    # the generator every cached cell was drawn with, pinned so a later default cannot change a cell's bits
+    # (cell keys do not name the noise; re-running a cell must reproduce its cached result)
+    "zo.noise_generator='torch_cpu'", "zo.noise='gaussian'",
 ]
 TASKS = ("sst2", "ag_news")  # the default grid
 EXTRA_TASKS = ("rte",)  # opt-in with --tasks: RTE's cells are not all run yet

@@ -27,8 +27,12 @@ def one_round(fed, transport=None):
     return plans, encoded, replies, fed.server.aggregate_round(plans, encoded, replies)
 
 
-def test_server_replay_equals_the_clients_own_trained_values_bit_for_bit(tiny_cfg):
-    fed = build_federation(tiny_cfg)
+GENERATORS = pytest.mark.parametrize("generator", ["torch_cpu", "philox"])  # the exactness tests run with both
+
+
+@GENERATORS
+def test_server_replay_equals_the_clients_own_trained_values_bit_for_bit(tiny_cfg, generator):
+    fed = build_federation(config.apply_overrides(tiny_cfg, [f"zo.noise_generator={generator}"]))
     start = fed.server.values.clone()
     plans, _, _ = fed.server.configure_round()[0], None, None
     for cid, plan in plans.items():
@@ -37,7 +41,7 @@ def test_server_replay_equals_the_clients_own_trained_values_bit_for_bit(tiny_cf
         from meerkat_fl.fed.messages import ClientPath
 
         path = ClientPath(0, cid, 1.0, plan.lr, plan.seeds, update.scalars)
-        assert torch.equal(client_endpoint(start, fed.params.mask, path), trained)
+        assert torch.equal(client_endpoint(start, fed.params.mask, path, noise=fed.params.noise), trained)
         assert not torch.equal(trained, start)
 
 
@@ -46,7 +50,7 @@ def test_aggregation_equals_the_hand_computed_weighted_mean(tiny_cfg):
     start = fed.server.values.clone()
     _, _, _, result = one_round(fed)
     sizes = {cid: fed.clients[cid].num_examples for cid in result.accepted}
-    endpoints = {p.client_id: client_endpoint(start, fed.params.mask, p).double().numpy() for p in result.paths}
+    endpoints = {p.client_id: client_endpoint(start, fed.params.mask, p, noise=fed.params.noise).double().numpy() for p in result.paths}
     by_hand = sum(sizes[c] * endpoints[c] for c in sizes) / sum(sizes.values())
     np.testing.assert_allclose(fed.server.values.double().numpy(), by_hand, rtol=0, atol=1e-6)
     assert not torch.equal(fed.server.values, start)
@@ -67,8 +71,9 @@ def test_both_downlink_modes_reach_the_same_global_model(tiny_cfg, tmp_path):
     assert scalars["bytes_down_per_round"] < values["bytes_down_per_round"]
 
 
-def test_clients_replaying_scalars_hold_the_servers_model(tiny_cfg):
-    cfg = config.apply_overrides(tiny_cfg, ["fed.downlink=scalars"])
+@GENERATORS
+def test_clients_replaying_scalars_hold_the_servers_model(tiny_cfg, generator):
+    cfg = config.apply_overrides(tiny_cfg, ["fed.downlink=scalars", f"zo.noise_generator={generator}"])
     fed = build_federation(cfg)
     for _ in range(3):
         before = fed.server.values.clone()
@@ -77,7 +82,7 @@ def test_clients_replaying_scalars_hold_the_servers_model(tiny_cfg):
     last = [p for p in fed.server.link.history[2]]
     for client in fed.clients.values():
         assert client.synced_round == 1
-        assert torch.equal(aggregate_paths(client.values, fed.params.mask, last), fed.server.values)
+        assert torch.equal(aggregate_paths(client.values, fed.params.mask, last, noise=fed.params.noise), fed.server.values)
     assert not torch.equal(before, fed.server.values)
 
 
@@ -147,7 +152,7 @@ def test_scalars_client_rejoins_after_a_lost_reply_or_a_restart(tiny_cfg, restar
     last = fed.server.link.history[3]
     for client in fed.clients.values():
         assert client.synced_round == 2
-        assert torch.equal(aggregate_paths(client.values, fed.params.mask, last), fed.server.values)
+        assert torch.equal(aggregate_paths(client.values, fed.params.mask, last, noise=fed.params.noise), fed.server.values)
 
 
 class Tamper:
@@ -193,7 +198,8 @@ def test_a_bad_reply_is_rejected_counted_and_the_others_still_aggregate(tiny_cfg
     from dataclasses import replace
 
     expected = aggregate_paths(fed.runtime.initial_values, fed.params.mask,
-                               [replace(p, weight=weights[p.client_id], scalars=scalars[p.client_id]) for p in paths])
+                               [replace(p, weight=weights[p.client_id], scalars=scalars[p.client_id]) for p in paths],
+                               noise=fed.params.noise)
     assert torch.equal(fed.server.values, expected)
 
 
@@ -209,8 +215,10 @@ def test_when_every_reply_is_bad_the_global_model_is_untouched(tiny_cfg):
     assert torch.equal(fed.server.values, start)
 
 
-def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_cfg, tmp_path, assert_same_run):
-    cfg = config.apply_overrides(tiny_cfg, ["fed.rounds=4", "fed.strategy=fedmezo", "fed.downlink=scalars"])
+@GENERATORS
+def test_resume_after_interruption_equals_an_uninterrupted_run(tiny_cfg, tmp_path, assert_same_run, generator):
+    cfg = config.apply_overrides(tiny_cfg, ["fed.rounds=4", "fed.strategy=fedmezo", "fed.downlink=scalars",
+                                            f"zo.noise_generator={generator}"])
     full = simulate(cfg, tmp_path / "full", progress=False)
     partial = simulate(cfg, tmp_path / "cut", progress=False, stop_after=2)
     assert partial == {"interrupted_at_round": 2}

@@ -77,7 +77,7 @@ def test_pool_aggregation_is_the_weighted_mean_of_the_virtual_paths(tiny_cfg):
     direct = start.double() + sum(float(c) * noise(int(s), mask).double()
                                   for c, s in zip(coefficients, pool_seeds(cfg.run.seed, K)))
     np.testing.assert_allclose(fed.server.values.double().numpy(), direct.numpy(), rtol=0, atol=1e-7)
-    meerkat = aggregate_paths(start, mask, result.paths)
+    meerkat = aggregate_paths(start, mask, result.paths, noise=fed.params.noise)
     np.testing.assert_allclose(fed.server.values.numpy(), meerkat.numpy(), rtol=0, atol=1e-6)
     assert not torch.equal(fed.server.values, start)
 
@@ -124,7 +124,8 @@ def test_a_catch_up_needs_at_most_K_noise_generations(tiny_cfg):
     assert np.count_nonzero(fed.server.seed_pool.model.coefficients) == K  # 96 steps over 16 seeds
     positions, coefficients = fed.server.seed_pool.catch_up(-1)
     fresh = PoolModel.zeros(K, fed.params.size)
-    generated = fresh.move(fed.params.mask, pool_seeds(fed.cfg.run.seed, K), np.arange(K), coefficients)
+    generated = fresh.move(fed.params.mask, pool_seeds(fed.cfg.run.seed, K), np.arange(K), coefficients,
+                           noise=fed.params.noise)
     assert positions is None and generated == K  # 96 steps, 4 rounds: still K draws of z
     assert torch.equal(fresh.values(fed.runtime.initial_values), fed.server.values)
 
@@ -153,7 +154,7 @@ def test_pool_downlink_bytes_are_K_bounded_and_do_not_grow_with_rounds_missed(ti
 
 def test_the_papers_4096_seed_pool_catches_up_in_under_18_kilobytes(tiny_cfg):
     fed = build_federation(tiny_cfg)
-    pool = SeedPool(0, 4096, fed.params.mask, fed.runtime.initial_values)
+    pool = SeedPool(0, 4096, fed.params.mask, fed.runtime.initial_values, noise=fed.params.noise)
     pool.model.coefficients[:] = np.linspace(-1e-3, 1e-3, 4096, dtype=np.float32)
     pool.changed_round[:] = 9
     positions, coefficients = pool.catch_up(-1)

@@ -93,9 +93,10 @@ def test_app_bundle_is_config_only_and_far_below_flowers_limit():
     assert 'clientapp = "meerkat_fl.flower.client_app:app"' in text
 
 
-def test_simulation_reaches_the_in_process_values_bit_for_bit(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("generator", ["torch_cpu", "philox"])
+def test_simulation_reaches_the_in_process_values_bit_for_bit(tiny_cfg, tmp_path, generator):
     # the "scalars" downlink: every client replays the others' paths from its own state in context.state
-    cfg = small(tiny_cfg, "fed.downlink=scalars")
+    cfg = small(tiny_cfg, "fed.downlink=scalars", f"zo.noise_generator={generator}")
     simulate(cfg, tmp_path / "inproc", progress=False)
     summary = run_simulation(cfg, tmp_path / "flower", tmp_path / "work", timeout=RUN_TIMEOUT)
     assert torch.equal(values(tmp_path / "flower"), values(tmp_path / "inproc"))

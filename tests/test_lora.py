@@ -96,7 +96,7 @@ def test_server_replay_reproduces_each_clients_adapter_values_bit_for_bit(lora_c
         update = fed.clients[cid].fit(plan, fed.runtime)
         trained = fed.params.gather()
         path = ClientPath(0, cid, 1.0, plan.lr, plan.seeds, update.scalars)
-        assert torch.equal(client_endpoint(start, fed.params.mask, path), trained)
+        assert torch.equal(client_endpoint(start, fed.params.mask, path, noise=fed.params.noise), trained)
         assert not torch.equal(trained, start)
 
 
@@ -138,7 +138,7 @@ def trained_lora_patch(tmp_path: Path):
     loaded = tiny_llama(0)
     mask = add_lora(loaded.model, fingerprint=loaded.fingerprint, seed=0, **SETTINGS)
     params = MaskedParams(loaded.model, mask)
-    values = apply_step(params.gather(), mask, seed=5, scalar=50.0, lr=1e-2)
+    values = apply_step(params.gather(), mask, seed=5, scalar=50.0, lr=1e-2, noise=params.noise)
     params.write(values)
     return loaded, load_patch(save_patch(tmp_path / "lora.safetensors", mask, values))
 

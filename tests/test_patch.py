@@ -15,7 +15,7 @@ def test_patch_round_trip_reproduces_the_trained_model(tmp_path):
     mask = build_mask(trained.model, "random", 0.01, fingerprint=trained.fingerprint)
     params = MaskedParams(trained.model, mask)
     values = params.gather()
-    apply_step(values, mask, seed=3, scalar=5.0, lr=0.1)
+    apply_step(values, mask, seed=3, scalar=5.0, lr=0.1, noise=params.noise)
     params.write(values)
     path = save_patch(tmp_path / "p.safetensors", mask, values, {"task": "x"})
 

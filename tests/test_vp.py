@@ -13,6 +13,7 @@ from meerkat_fl.fed.simulate import simulate
 from meerkat_fl.fed.strategies import ClientInstructions, MeerkatVPStrategy
 from meerkat_fl.local import DataPointer
 from meerkat_fl.masks import build_mask, calibration_batches, pretraining_gradients
+from meerkat_fl.noise import LEGACY
 from meerkat_fl.patch import load_patch
 from meerkat_fl.vp import (
     GRADIP_LOG,
@@ -50,16 +51,16 @@ def test_gradip_equals_the_dense_pretraining_gradient_dotted_with_the_zo_gradien
         zo_grad[idx] = scalar * z[offset : offset + size].double()
         explicit += float(grad.reshape(-1).double() @ zo_grad)
         offset += size
-    gradip, cosine = path_gradip(mask, [seed], [scalar], cosine=True)
+    gradip, cosine = path_gradip(mask, [seed], [scalar], noise=params.noise, cosine=True)
     assert gradip[0] == pytest.approx(explicit, rel=1e-4)
     assert explicit != 0.0 and -1.0 <= cosine[0] <= 1.0
-    assert path_gradip(mask, [seed], [-scalar])[0][0] == -gradip[0]  # signed form
+    assert path_gradip(mask, [seed], [-scalar], noise=params.noise)[0][0] == -gradip[0]  # signed form
 
 
 def test_gradip_without_a_pretraining_gradient_is_a_config_error(tiny):
     mask = build_mask(tiny.model, "random", 0.01, fingerprint=tiny.fingerprint)
     with pytest.raises(ConfigError, match="sensitive"):
-        path_gradip(mask, [1], [1.0])
+        path_gradip(mask, [1], [1.0], noise=LEGACY)
 
 
 def decaying(rng, steps=100):

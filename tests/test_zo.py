@@ -8,7 +8,11 @@ import torch
 
 from meerkat_fl.local import DataPointer, local_train, step_seeds
 from meerkat_fl.masks import build_mask
+from meerkat_fl.noise import LEGACY, NoiseSource
 from meerkat_fl.zo import MaskedParams, apply_step, noise, replay, segment_noise, wants_noise_cache, zo_step
+
+# every exactness test runs with the historical generator and with Philox (both kinds)
+SOURCES = [LEGACY, NoiseSource("philox", "gaussian"), NoiseSource("philox", "rademacher")]
 
 
 def snapshot(model):
@@ -19,10 +23,10 @@ def same_weights(model, snap):
     return all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
 
 
-@pytest.fixture()
-def sparse(tiny):
+@pytest.fixture(params=SOURCES, ids=lambda s: s.name)
+def sparse(tiny, request):
     mask = build_mask(tiny.model, "random", 0.01, fingerprint=tiny.fingerprint, seed=3)
-    params = MaskedParams(tiny.model, mask)
+    params = MaskedParams(tiny.model, mask, noise=request.param)
     yield mask, params
     params.write(params.gather())
 
@@ -36,16 +40,18 @@ def lm_loss(model, ids):
 
 
 def test_same_seed_gives_identical_noise(sparse):
-    mask, _ = sparse
-    assert torch.equal(noise(7, mask), noise(7, mask))
-    assert not torch.equal(noise(7, mask), noise(8, mask))
-    assert noise(7, mask).shape == (mask.size,)
+    mask, params = sparse
+    z = lambda seed: noise(seed, mask, source=params.noise)
+    assert torch.equal(z(7), z(7))
+    assert not torch.equal(z(7), z(8))
+    assert z(7).shape == (mask.size,)
 
 
-def test_noise_is_standard_gaussian(sparse):
-    mask, _ = sparse
-    z = noise(11, mask)
-    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1.0) < 0.05
+def test_noise_has_mean_zero_and_unit_variance(sparse):
+    mask, params = sparse
+    z = noise(11, mask, source=params.noise).double()
+    bound = 4.0 / math.sqrt(z.numel())  # 4 standard errors (the million-draw checks are in test_noise.py)
+    assert abs(float(z.mean())) < bound and abs(float(z.std()) - 1.0) < 2 * bound
 
 
 def test_perturb_and_restore_leave_weights_bit_identical(tiny, sparse):
@@ -62,7 +68,7 @@ def test_step_only_changes_masked_coordinates(tiny, sparse):
     before = snapshot(tiny.model)
     values = params.gather()
     start = values.clone()
-    apply_step(values, mask, seed=1, scalar=2.0, lr=0.1)
+    apply_step(values, mask, seed=1, scalar=2.0, lr=0.1, noise=params.noise)
     params.write(values)
     changed_weights = snapshot(tiny.model)
     params.write(start)  # the tiny model is shared by the whole session: put it back
@@ -93,7 +99,7 @@ def test_replaying_seed_scalar_pairs_reproduces_a_trained_path_exactly(tiny, spa
     steps = local_train(params, values, step_seeds(0, 0, 0, 5), lr=1e-2, eps=1e-3,
                         batch_loss=batch_loss, pointer=DataPointer(16, seed=0), batch_size=4)
     assert not torch.equal(values, start)
-    replayed = replay(start, mask, [(s.seed, s.scalar) for s in steps], lr=1e-2)
+    replayed = replay(start, mask, [(s.seed, s.scalar) for s in steps], lr=1e-2, noise=params.noise)
     assert torch.equal(replayed, values)
     assert torch.equal(params.gather(), values)  # the model holds the trained values
     params.write(start)  # the tiny model is shared by the whole session: put it back
@@ -109,9 +115,10 @@ def test_non_finite_loss_skips_the_step_and_keeps_weights(tiny, sparse):
     assert same_weights(tiny.model, before)
 
 
-def test_dense_mask_is_the_same_code_and_streams_per_tensor(tiny):
+@pytest.mark.parametrize("source", SOURCES, ids=lambda s: s.name)
+def test_dense_mask_is_the_same_code_and_streams_per_tensor(tiny, source):
     mask = build_mask(tiny.model, "dense", 1.0, fingerprint=tiny.fingerprint, scope="all")
-    params = MaskedParams(tiny.model, mask)
+    params = MaskedParams(tiny.model, mask, noise=source)
     assert params.size == sum(p.numel() for p in tiny.model.parameters())
     before = snapshot(tiny.model)
     values = params.gather()
@@ -119,8 +126,10 @@ def test_dense_mask_is_the_same_code_and_streams_per_tensor(tiny):
     step = zo_step(lm_loss(tiny.model, ids), params, values, seed=3, eps=1e-3)
     assert same_weights(tiny.model, before)
     streamed = values.clone()
-    apply_step(streamed, mask, step.seed, step.scalar, 1e-3)
-    assert torch.equal(streamed, values.clone().add_(noise(step.seed, mask), alpha=-1e-3 * step.scalar))
+    apply_step(streamed, mask, step.seed, step.scalar, 1e-3, noise=source)
+    expected = values.clone()
+    source.add_scaled(expected, noise(step.seed, mask, source=source), -1e-3 * step.scalar)
+    assert torch.equal(streamed, expected)
 
 
 def test_zo_estimate_points_along_the_true_gradient():
@@ -174,8 +183,9 @@ def test_segment_noise_is_a_standard_gaussian_fixed_by_seed_and_position():
     assert abs(float(z.mean())) < 0.03 and abs(float(z.std()) - 1.0) < 0.03
 
 
+@pytest.mark.parametrize("source", SOURCES[:2], ids=lambda s: s.name)
 @pytest.mark.parametrize("kind", ["dense", "random"])
-def test_noise_cache_is_bit_identical_and_released(tiny, kind):
+def test_noise_cache_is_bit_identical_and_released(tiny, kind, source):
     # The cache only saves regenerating the step's noise: scalars, values and replay agree bit for bit.
     mask = build_mask(tiny.model, kind, 1.0 if kind == "dense" else 0.05, fingerprint=tiny.fingerprint,
                       scope="all", seed=1)
@@ -186,7 +196,7 @@ def test_noise_cache_is_bit_identical_and_released(tiny, kind):
 
     results = []
     for cache in (False, True):
-        params = MaskedParams(tiny.model, mask, cache_noise=cache)
+        params = MaskedParams(tiny.model, mask, cache_noise=cache, noise=source)
         start = params.gather()
         values = start.clone()
         steps = local_train(params, values, step_seeds(0, 1, 2, 4), lr=1e-2, eps=1e-3,
@@ -197,7 +207,8 @@ def test_noise_cache_is_bit_identical_and_released(tiny, kind):
     (plain, plain_scalars), (cached, cached_scalars) = results
     assert plain_scalars == cached_scalars and any(plain_scalars)
     assert torch.equal(plain, cached)
-    assert torch.equal(replay(start, mask, list(zip(step_seeds(0, 1, 2, 4), cached_scalars)), lr=1e-2), cached)
+    path = list(zip(step_seeds(0, 1, 2, 4), cached_scalars))
+    assert torch.equal(replay(start, mask, path, lr=1e-2, noise=source), cached)
 
 
 def test_noise_cache_setting(tiny):

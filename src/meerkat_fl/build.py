@@ -27,6 +27,7 @@ from meerkat_fl.fed.strategies import make_strategy
 from meerkat_fl.lora import add_lora
 from meerkat_fl.masks import Mask, build_mask, calibration_batches, load_mask, save_mask
 from meerkat_fl.models import LoadedModel, default_cache_dir, load_model
+from meerkat_fl.noise import noise_source
 from meerkat_fl.partition import Partition, make_partition
 from meerkat_fl.tasks import EncodedSplit, Scorer, Split, get_task
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
@@ -199,7 +200,8 @@ def build_client_side(cfg: Config) -> ClientSide:
     loaded = build_model(cfg)
     data = build_task_data(cfg.task, loaded, cfg.run.seed)
     mask = obtain_trainable(cfg, loaded)
-    params = MaskedParams(loaded.model, mask, cache_noise=wants_noise_cache(cfg.zo.noise_cache, mask))
+    params = MaskedParams(loaded.model, mask, cache_noise=wants_noise_cache(cfg.zo.noise_cache, mask),
+                          noise=noise_source(cfg.zo.noise_generator, cfg.zo.noise))
     initial = params.gather()
     partition = partition_for(cfg, data.train_labels)
     limits = PlanLimits(max_batch_size=cfg.zo.batch_size, max_local_steps=cfg.fed.local_steps)
@@ -215,12 +217,13 @@ def build_federation(cfg: Config) -> Federation:
     pool = None
     if cfg.fedkseed.pool_size:
         pool = SeedPool(cfg.run.seed, cfg.fedkseed.pool_size, mask, initial, sampling=cfg.fedkseed.sampling,
-                        pro_clip=cfg.fedkseed.pro_clip)
+                        pro_clip=cfg.fedkseed.pro_clip, noise=params.noise)
     server = Server(
         mask, initial.clone(), make_strategy(cfg), client_sizes={k: c.num_examples for k, c in clients.items()},
         run_seed=cfg.run.seed, local_steps=cfg.fed.local_steps, lr=cfg.zo.lr, eps=cfg.zo.eps,
         batch_size=cfg.zo.batch_size, weighting=cfg.fed.weighting, downlink=cfg.fed.downlink,
         sample_fraction=cfg.fed.sample_fraction, sample_count=cfg.fed.sample_count, seed_pool=pool,
         max_abs_scalar=cfg.fed.max_abs_scalar, clip=ScalarClip(cfg.fed.clip, cfg.fed.clip_factor),
+        noise=params.noise,
     )
     return Federation(cfg, data, partition, params, server, clients, runtime)

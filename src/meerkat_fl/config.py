@@ -93,6 +93,10 @@ class ZOConfig:
     eps: float = 1e-3
     batch_size: int = 16
     noise_cache: str = "auto"  # auto | on | off: keep a step's noise between its 3 uses (auto: sparse masks)
+    noise: str = "gaussian"  # gaussian (the paper's) | rademacher (±1, SPSA's original)
+    # torch_cpu (CPU torch.Generator, fast on CPU, what every earlier run drew) | philox (counter-based, drawn
+    # on the model's device with the same bits on CPU and CUDA: for GPUs). Part of the run's identity (noise.py).
+    noise_generator: str = "torch_cpu"
 
 
 @dataclass
@@ -221,6 +225,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fedkseed.sampling": SAMPLINGS,
     "zo.noise_cache": ("auto", "on", "off"),
     "fo.optimizer": tuple(FO_OPTIMIZERS),
+    "zo.noise": ("gaussian", "rademacher"),
+    "zo.noise_generator": ("torch_cpu", "philox"),
     "fedmezo.signal": FEDMEZO_SIGNALS,
     "vp.control": VP_CONTROLS,
 }

@@ -15,6 +15,7 @@ from meerkat_fl.build import build_model, build_task_data, obtain_trainable
 from meerkat_fl.config import Config, flatten
 from meerkat_fl.fed import checkpoint
 from meerkat_fl.local import DataPointer, local_train, step_seeds
+from meerkat_fl.noise import check_noise, noise_source
 from meerkat_fl.patch import save_patch
 from meerkat_fl.rundir import EVAL, prefixed
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
@@ -34,7 +35,8 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
     loaded = build_model(cfg)
     data = build_task_data(cfg.task, loaded, cfg.run.seed)
     mask = obtain_trainable(cfg, loaded)
-    params = MaskedParams(loaded.model, mask, cache_noise=wants_noise_cache(cfg.zo.noise_cache, mask))
+    noise = noise_source(cfg.zo.noise_generator, cfg.zo.noise)
+    params = MaskedParams(loaded.model, mask, cache_noise=wants_noise_cache(cfg.zo.noise_cache, mask), noise=noise)
     values = params.gather()
     pointer = DataPointer(len(data.train), seed=cfg.run.seed)
     device = params.device
@@ -49,6 +51,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
     if resume and run.has_checkpoint():
         tensors, state = run.load_checkpoint()
         checkpoint.check(tensors, state, flatten(cfg), str(run.path))
+        check_noise(noise.name, state.get("noise"), f"{run.path}'s checkpoint")  # its later steps must match
         values = tensors["values"].to(device)
         params.write(values)
         pointer.load_state(state["pointer"])
@@ -78,14 +81,15 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
         run.append_metrics(record)  # before the checkpoint: a checkpoint's step always has its line
         if evaluated:
             run.save_checkpoint(*checkpoint.pack({"values": values}, {"step": step + 1, "pointer": pointer.state(),
-                                                                      "skipped": skipped}, {}, flatten(cfg), {}))
+                                                                      "skipped": skipped, "noise": noise.name}, {},
+                                                     flatten(cfg), {}))
         bar.update(1)
         bar.set_postfix(loss=f"{result.loss:.4f}", **{k: f"{v:.3f}" for k, v in prefixed(EVAL, last).items()})
     bar.close()
     if skipped:
         log.warning("%d of %d steps were skipped because the loss was not finite", skipped, steps)
 
-    save_patch(run.patch_path, mask, values, {"task": cfg.task.name, "steps": str(steps)})
+    save_patch(run.patch_path, mask, values, {"task": cfg.task.name, "steps": str(steps), "noise": noise.name})
     rows = run.read_metrics()
     losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
     summary = {

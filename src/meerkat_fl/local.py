@@ -80,7 +80,7 @@ def local_train(
         batch = pointer.next_batch(batch_size)
         step = zo_step(lambda rows=batch: batch_loss(rows), params, values, seed, eps)
         if not step.skipped:
-            apply_step(values, params.mask, seed, step.scalar, lr, noise_fn=params.segment_noise)
+            apply_step(values, params.mask, seed, step.scalar, lr, noise=params.noise, noise_fn=params.segment_noise)
         steps.append(step)
     params.forget_noise()
     params.write(values)

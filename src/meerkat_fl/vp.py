@@ -23,7 +23,7 @@ import torch
 from meerkat_fl.errors import ConfigError
 from meerkat_fl.fed.messages import ClientPath
 from meerkat_fl.masks import Mask
-from meerkat_fl.zo import segment_noise
+from meerkat_fl.noise import NoiseSource
 
 GRADIP_LOG = "gradip.jsonl"  # one line per (round, client): {"round", "client_id", "gradip": [...], ...}
 CONTROLS = ("detect", "random")
@@ -41,12 +41,15 @@ def _require_pretrain_grad(mask: Mask) -> tuple[torch.Tensor, ...]:
     return mask.pretrain_grad
 
 
-def projection(mask: Mask, seed: int) -> tuple[float, float]:
+def projection(mask: Mask, seed: int, *, noise: NoiseSource) -> tuple[float, float]:
     """(<(grad f_p)_m, z>, ||z||) for the noise ``z`` of ``seed``, accumulated segment by segment in float64."""
     grads = _require_pretrain_grad(mask)
-    dot, z_squared = 0.0, 0.0
+    dot, z_squared, offset = 0.0, 0.0, 0
+    flat = noise.draw(seed, mask.sizes) if 0 < mask.size <= noise.flat_limit else None  # philox: one call
     for position, (grad, size) in enumerate(zip(grads, mask.sizes)):
-        z = segment_noise(seed, position, size)  # the very noise the client and the replay use
+        # the very noise the client and the replay use
+        z = flat[offset : offset + size] if flat is not None else noise.segment(seed, position, size)
+        offset += size
         dot += float(torch.dot(grad, z).double())
         z_squared += float(torch.dot(z, z).double())
     return dot, math.sqrt(z_squared)
@@ -58,7 +61,7 @@ def pretrain_grad_norm(mask: Mask) -> float:
 
 
 def path_gradip(
-    mask: Mask, seeds: Sequence[int], scalars: Sequence[float], *, cosine: bool = False
+    mask: Mask, seeds: Sequence[int], scalars: Sequence[float], *, noise: NoiseSource, cosine: bool = False
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Signed GradIP of every step of a path, float64 [T]; with ``cosine``, also cos(angle) between
     (grad f_p)_m and the ZO estimate g*z, in [-1, 1] (0 for a zero scalar) — for analysis only."""
@@ -66,19 +69,21 @@ def path_gradip(
     cosines = np.zeros(len(seeds), dtype=np.float64) if cosine else None
     norm = pretrain_grad_norm(mask) if cosine else 0.0
     for step, (seed, scalar) in enumerate(zip(seeds, scalars, strict=True)):
-        dot, z_norm = projection(mask, int(seed))
+        dot, z_norm = projection(mask, int(seed), noise=noise)
         gradip[step] = float(scalar) * dot
         if cosines is not None and scalar != 0.0 and norm > 0.0 and z_norm > 0.0:
             cosines[step] = math.copysign(1.0, float(scalar)) * dot / (norm * z_norm)
     return gradip, cosines
 
 
-def gradip_records(round_number: int, mask: Mask, paths: Sequence[ClientPath], *, cosine: bool = False) -> list[dict]:
+def gradip_records(
+    round_number: int, mask: Mask, paths: Sequence[ClientPath], *, noise: NoiseSource, cosine: bool = False
+) -> list[dict]:
     """The ``gradip.jsonl`` lines of one round: per accepted client, its steps' signed GradIP (|GradIP| is
     the absolute form) and optionally the cosine. ``round_number`` is 1-based, as in metrics.jsonl."""
     records = []
     for path in sorted(paths, key=lambda p: p.client_id):
-        gradip, cosines = path_gradip(mask, path.seeds.tolist(), path.scalars.tolist(), cosine=cosine)
+        gradip, cosines = path_gradip(mask, path.seeds.tolist(), path.scalars.tolist(), noise=noise, cosine=cosine)
         record: dict[str, Any] = {"round": round_number, "client_id": path.client_id, "gradip": gradip.tolist()}
         if cosines is not None:
             record["cosine"] = cosines.tolist()

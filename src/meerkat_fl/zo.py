@@ -5,10 +5,11 @@ writes a flat vector of masked values into a model. The trainable state is alway
 of the masked coordinates (the *master copy*, method doc section 3): the model's own tensors, whatever
 their dtype, are only ever written from it, so perturb/restore is a copy and is bit-exact.
 
-Noise is generated per trainable tensor ("segment") on the CPU, from a generator seeded by
-``segment_seed(seed, position)``, in the mask's canonical tensor order, then moved to the device. A
-segment is never larger than one tensor's masked values, so dense (full-parameter) ZO never holds a
-full-size noise vector: it streams one tensor at a time.
+Noise is drawn per trainable tensor ("segment") from ``segment_seed(seed, position)`` by the run's
+``NoiseSource`` (``noise.py``: the CPU torch generator, or Philox on the values' device), in the mask's
+canonical tensor order. A segment is never larger than one tensor's masked values, so dense
+(full-parameter) ZO never holds a full-size noise vector: it streams one tensor at a time. The source is
+passed explicitly (held by ``MaskedParams``, an argument of ``apply_step`` and ``replay``): no global.
 
 A step draws the same noise three times (+eps, -eps, update). ``MaskedParams(cache_noise=True)`` keeps the
 current seed's segments instead (one mask-sized float32 buffer): the same values, so bit-identical results,
@@ -28,33 +29,20 @@ import torch
 
 from meerkat_fl.errors import MaskMismatch
 from meerkat_fl.masks import Mask
-
-_MASK64 = (1 << 64) - 1
-
-
-def segment_seed(seed: int, position: int) -> int:
-    """A 63-bit generator seed for tensor ``position`` of the noise drawn from ``seed`` (splitmix64)."""
-    x = (int(seed) * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+from meerkat_fl.noise import LEGACY, NoiseSource
 
 
 def segment_noise(seed: int, position: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard Gaussian noise (float32, ``size`` values) for one tensor, generated on the CPU."""
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(segment_seed(seed, position))
-    z = torch.randn(size, generator=generator, dtype=torch.float32)
-    return z if torch.device(device).type == "cpu" else z.to(device)
+    """Standard Gaussian noise (float32, ``size`` values) for one tensor from the ``torch_cpu`` generator."""
+    return LEGACY.segment(seed, position, size, device)
 
 
-def noise(seed: int, mask: Mask, device: torch.device | str = "cpu") -> torch.Tensor:
+def noise(seed: int, mask: Mask, device: torch.device | str = "cpu", *, source: NoiseSource = LEGACY) -> torch.Tensor:
     """The full noise vector z for ``seed`` over the mask's coordinates, in canonical order.
 
     Allocates ``mask.size`` floats: meant for sparse masks and tests. Hot paths stream segments instead.
     """
-    sizes = mask.sizes
-    return torch.cat([segment_noise(seed, i, n, device) for i, n in enumerate(sizes)])
+    return source.draw(seed, mask.sizes, device)
 
 
 def wants_noise_cache(setting: str, mask: Mask) -> bool:
@@ -72,9 +60,11 @@ def round_scalar(value: float) -> float:
 class MaskedParams:
     """Binds a model's tensors to a mask; reads and writes the masked values as one flat float32 vector."""
 
-    def __init__(self, model: torch.nn.Module, mask: Mask, *, cache_noise: bool = False):
+    def __init__(
+        self, model: torch.nn.Module, mask: Mask, *, cache_noise: bool = False, noise: NoiseSource = LEGACY
+    ):
         named = dict(model.named_parameters())
-        self.mask = mask
+        self.mask, self.noise = mask, noise
         self.cache_noise = cache_noise
         self._cached: tuple[int, list[torch.Tensor | None]] | None = None  # (seed, segments drawn so far)
         self.tensors: list[torch.Tensor] = []
@@ -101,14 +91,16 @@ class MaskedParams:
             yield i, slice(int(self.offsets[i]), int(self.offsets[i + 1])), tensor, idx
 
     def segment_noise(self, seed: int, position: int, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``segment_noise`` for this mask, served from the cache when ``cache_noise`` (never modify it)."""
+        """This mask's noise for one segment, served from the cache when ``cache_noise`` (never modify it)."""
         if not self.cache_noise:
-            return segment_noise(seed, position, size, device)
+            return self.noise.segment(seed, position, size, device)
         if self._cached is None or self._cached[0] != seed:
             self._cached = (seed, [None] * len(self.tensors))
+            if self.noise.flat_limit:  # philox: the whole mask in one vectorised draw
+                self._cached = (seed, list(self.noise.draw(seed, self.mask.sizes, device).split(self.mask.sizes)))
         segments = self._cached[1]
         if segments[position] is None:
-            segments[position] = segment_noise(seed, position, size, device)
+            segments[position] = self.noise.segment(seed, position, size, device)
         return segments[position]
 
     def forget_noise(self) -> None:
@@ -130,10 +122,14 @@ class MaskedParams:
 
         With ``seed=None`` this writes ``values`` exactly: the restore step and the way a client is switched in.
         """
+        perturb = seed is not None and scale != 0.0
+        flat = None  # philox on a small mask without the cache: one vectorised draw, not one per tensor
+        if perturb and not self.cache_noise and 0 < self.size <= self.noise.flat_limit:
+            flat = self.noise.draw(seed, self.mask.sizes, values.device)
         for i, sl, tensor, idx in self.segments():
             segment = values[sl]
-            if seed is not None and scale != 0.0:
-                z = self.segment_noise(seed, i, segment.numel(), segment.device)
+            if perturb:
+                z = flat[sl] if flat is not None else self.segment_noise(seed, i, segment.numel(), segment.device)
                 # fl(fl(scale * z) + segment), as ``segment + scale * z``, with one temporary, not two
                 perturbed = torch.mul(z, scale) if self.cache_noise else z.mul_(scale)
                 segment = perturbed.add_(segment)
@@ -172,29 +168,35 @@ def zo_step(loss_fn: Callable[[], float], params: MaskedParams, values: torch.Te
 
 @torch.no_grad()
 def apply_step(
-    values: torch.Tensor, mask: Mask, seed: int, scalar: float, lr: float, *,
-    noise_fn: Callable[..., torch.Tensor] = segment_noise,
+    values: torch.Tensor, mask: Mask, seed: int, scalar: float, lr: float, *, noise: NoiseSource,
+    noise_fn: Callable[..., torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """In place: values -= lr * scalar * z(seed). The client's update and the server's replay are this call.
 
-    ``noise_fn`` draws a segment (``MaskedParams.segment_noise`` serves the step's cached noise).
+    ``noise_fn`` draws a segment (``MaskedParams.segment_noise`` serves the step's cached noise); by default
+    ``noise`` draws it (a small mask in one call, when the source prefers that).
     """
     if scalar == 0.0 or lr == 0.0:
         return values
+    coefficient = -lr * scalar
+    if noise_fn is None and 0 < mask.size <= noise.flat_limit:
+        noise.add_scaled(values, noise.draw(seed, mask.sizes, values.device), coefficient)
+        return values
+    draw = noise_fn or noise.segment
     offset = 0
     for i, n in enumerate(mask.sizes):
-        z = noise_fn(seed, i, n, values.device)
-        values[offset : offset + n].add_(z, alpha=-lr * scalar)
+        noise.add_scaled(values[offset : offset + n], draw(seed, i, n, values.device), coefficient)
         offset += n
     return values
 
 
 def replay(
-    values: torch.Tensor, mask: Mask, path: Sequence[tuple[int, float]], lr: float | Sequence[float]
+    values: torch.Tensor, mask: Mask, path: Sequence[tuple[int, float]], lr: float | Sequence[float], *,
+    noise: NoiseSource,
 ) -> torch.Tensor:
-    """Replay a virtual path of (seed, scalar) pairs from ``values``; returns a new vector."""
+    """Replay a virtual path of (seed, scalar) pairs drawn with ``noise`` from ``values``; returns a new vector."""
     out = values.clone()
     lrs = [lr] * len(path) if isinstance(lr, (int, float)) else list(lr)
     for (seed, scalar), step_lr in zip(path, lrs, strict=True):
-        apply_step(out, mask, seed, scalar, step_lr)
+        apply_step(out, mask, seed, scalar, step_lr, noise=noise)
     return out

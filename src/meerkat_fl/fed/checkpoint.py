@@ -19,6 +19,8 @@ from meerkat_fl.fed.state import RECORD_BLOBS, RECORD_INTS, ClientState
 
 FORMAT = 2  # 1: before the ClientState codec (per-round tensors, no checksum)
 EXTENDABLE = ("fed.rounds", "train.steps")  # keys a resume may raise on purpose, to extend a run
+# keys added since format 2, with the value a checkpoint written before them was written under
+ADDED_KEYS = {"zo.noise": "gaussian", "zo.noise_generator": "torch_cpu"}
 
 
 def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -67,7 +69,8 @@ def unpack_clients(tensors: Mapping[str, torch.Tensor], plain: Mapping[str, Any]
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two flattened configs (``EXTENDABLE`` keys excluded)."""
     keys = sorted(set(saved) | set(current))
-    return [k for k in keys if k not in EXTENDABLE and _plain(saved.get(k)) != _plain(current.get(k))]
+    return [k for k in keys
+            if k not in EXTENDABLE and _plain(saved.get(k, ADDED_KEYS.get(k))) != _plain(current.get(k))]
 
 
 def _plain(value: Any) -> Any:

@@ -18,6 +18,7 @@ from meerkat_fl.fed.messages import ClientUpdate, PlanLimits, RoundPlan, validat
 from meerkat_fl.fed.seedpool import PoolModel, check_pool_seeds
 from meerkat_fl.fed.state import ClientState
 from meerkat_fl.local import FO_OPTIMIZERS, DataPointer, local_train, local_train_fo
+from meerkat_fl.noise import check_noise
 from meerkat_fl.tasks import EncodedSplit, Scorer
 from meerkat_fl.zo import MaskedParams
 
@@ -61,10 +62,12 @@ class Client:
         does not fit is rejected before any state changes."""
         who = f"client {self.client_id}"
         validate_plan(plan, self.limits, who)  # before anything is allocated for the round
+        check_noise(runtime.params.noise.name, plan.noise, f"{who}: the round plan", MessageRejected)
         if plan.pool_size:
             check_pool_seeds(plan.seeds, self.run_seed, plan.pool_size, who)
         values, self.synced = client_sync(plan, self.synced, mask=runtime.params.mask, mask_size=runtime.params.size,
-                                          initial=runtime.initial_values, run_seed=self.run_seed, who=who)
+                                          initial=runtime.initial_values, run_seed=self.run_seed, who=who,
+                                          noise=runtime.params.noise)
         return values
 
     def fit(self, plan: RoundPlan, runtime: ClientRuntime) -> ClientUpdate:

@@ -26,6 +26,7 @@ from meerkat_fl.fed.messages import ClientPath, RoundPlan
 from meerkat_fl.fed.seedpool import SeedPool, client_catch_up, client_replay
 from meerkat_fl.fed.state import ClientState
 from meerkat_fl.masks import Mask
+from meerkat_fl.noise import NoiseSource
 
 
 class ServerDownlink(Protocol):
@@ -152,7 +153,7 @@ def server_downlink(name: str, client_ids: Iterable[int], seed_pool: SeedPool | 
 
 def client_sync(
     plan: RoundPlan, state: ClientState, *, mask: Mask, mask_size: int, initial: torch.Tensor, run_seed: int,
-    who: str,
+    who: str, noise: NoiseSource,
 ) -> tuple[torch.Tensor, ClientState]:
     """(the round's starting values, the client's new state) from a plan; ``state`` is not modified, so a plan
     that does not fit is rejected (MessageRejected) before anything changes."""
@@ -169,7 +170,7 @@ def client_sync(
             raise MessageRejected(f"{who} holds round {state.synced_round}, the pool coefficients "
                                   f"only cover changes after round {plan.synced_round}")
         new.pool = client_catch_up(state.pool, mask, run_seed, plan.pool_size, plan.pool_positions,
-                                   plan.pool_coefficients, device)
+                                   plan.pool_coefficients, device, noise=noise)
         new.synced_round = plan.round - 1
         return new.pool.values(initial), new
     # "scalars"
@@ -184,10 +185,10 @@ def client_sync(
     rounds = [by_round[r] for r in sorted(by_round)]
     new.synced_round = plan.round - 1
     if plan.pool_size:  # the server's coefficient sums, round by round
-        new.pool = client_replay(new.pool, mask, run_seed, plan.pool_size, rounds, device, who)
+        new.pool = client_replay(new.pool, mask, run_seed, plan.pool_size, rounds, device, who, noise=noise)
         return new.pool.values(initial), new
     values = new.values if new.values is not None else initial
     for paths in rounds:
-        values = aggregate_paths(values, mask, paths)
+        values = aggregate_paths(values, mask, paths, noise=noise)
     new.values = values
     return values.clone(), new

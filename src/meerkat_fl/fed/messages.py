@@ -30,7 +30,7 @@ MAX_BATCH_SIZE = 2**31 - 1  # the wire's bound; a client applies its own, far sm
 MAX_METRICS = 64  # a reply's metrics: at most this many, names of at most MAX_METRIC_NAME characters
 MAX_METRIC_NAME = 64
 PLAN_FIELDS = ("round", "client_id", "lr", "eps", "batch_size", "synced_round", "pool_size", "paths", "estimator",
-               "optimizer")
+               "optimizer", "noise")
 PLAN_ARRAYS = {"seeds": "int64", "values": "float32", "path_seeds": "int64", "path_scalars": "float32",
                "pool_positions": "int32", "pool_coefficients": "float32"}
 UPDATE_FIELDS = ("round", "client_id", "num_examples", "metrics")
@@ -69,6 +69,7 @@ class RoundPlan:
     pool_coefficients: np.ndarray | None = None  # float32: their current values (downlink "pool")
     estimator: str = "zo"  # a key of UPLINKS: how the client trains (the strategy decides)
     optimizer: str = "sgd"  # first order only: the local optimiser (local.FO_OPTIMIZERS)
+    noise: str | None = None  # the noise source's versioned name (noise.py); None: sent before it existed
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,9 @@ def encode_plan(plan: RoundPlan) -> bytes:
     }
     if plan.estimator != "zo":  # only a first-order plan says so: zeroth-order plans keep their bytes
         header.update(estimator=plan.estimator, optimizer=plan.optimizer)
-    arrays = {"seeds": plan.seeds}
+    if plan.noise is not None:
+        header["noise"] = plan.noise
+    arrays = {"seeds": np.asarray(plan.seeds, dtype=np.int64)}
     if plan.values is not None:
         arrays["values"] = plan.values
     if plan.paths:
@@ -113,6 +116,9 @@ def decode_plan(data: bytes) -> RoundPlan:
         raise MessageRejected(f"{who}: no seeds")
     paths = _decode_paths(header.get("paths", []), arrays, round_index, synced_round, who)
     pool_size = read_int(header, "pool_size", who, 0, MAX_POOL_SIZE, default=0)
+    noise = header.get("noise")
+    if noise is not None and (not isinstance(noise, str) or not 0 < len(noise) <= 64):
+        raise MessageRejected(f"{who}: field 'noise' is not a noise name")
     positions, coefficients = arrays.get("pool_positions"), arrays.get("pool_coefficients")
     if coefficients is not None:
         validate_pool(pool_size, positions, coefficients, who)
@@ -133,7 +139,7 @@ def decode_plan(data: bytes) -> RoundPlan:
         batch_size=read_int(header, "batch_size", who, 1, MAX_BATCH_SIZE),
         values=None if values is None else finite(values, "values", who), paths=paths,
         synced_round=synced_round, pool_size=pool_size, pool_positions=positions, pool_coefficients=coefficients,
-        estimator=estimator, optimizer=optimizer,
+        estimator=estimator, optimizer=optimizer, noise=noise,
     )
 
 

@@ -32,7 +32,7 @@ import torch
 from meerkat_fl.errors import ConfigError, MessageRejected
 from meerkat_fl.fed.messages import MAX_COEFFICIENT, ClientPath
 from meerkat_fl.masks import Mask
-from meerkat_fl.zo import segment_noise
+from meerkat_fl.noise import NoiseSource
 
 GRID_BITS = 40  # fixed-point resolution 2^-40 ≈ 9e-13 per term, far below a float32 ulp of a typical weight
 SAMPLINGS = ("uniform", "pro")
@@ -127,7 +127,7 @@ class PoolModel:
     def size(self) -> int:
         return int(self.coefficients.size)
 
-    def move(self, mask: Mask, seeds: np.ndarray, positions: np.ndarray, new: np.ndarray) -> int:
+    def move(self, mask: Mask, seeds: np.ndarray, positions: np.ndarray, new: np.ndarray, *, noise: NoiseSource) -> int:
         """Set c_j = new for each pool position; the accumulator follows exactly. Returns noise generations."""
         generated = 0
         for j, target in zip(np.asarray(positions).tolist(), np.asarray(new, np.float32).tolist()):
@@ -135,9 +135,10 @@ class PoolModel:
             self.coefficients[j] = target
             if old == target:
                 continue
-            offset = 0
+            offset, device = 0, self.accumulator.device
+            flat = noise.draw(int(seeds[j]), mask.sizes, device) if 0 < mask.size <= noise.flat_limit else None
             for i, n in enumerate(mask.sizes):
-                z = segment_noise(int(seeds[j]), i, n, self.accumulator.device)
+                z = flat[offset : offset + n] if flat is not None else noise.segment(int(seeds[j]), i, n, device)
                 _add_on_grid(self.accumulator[offset : offset + n], z, target, old)
                 offset += n
             generated += 1
@@ -184,10 +185,10 @@ class SeedPool:
     changed, and (FedKSeed-Pro) the clipped |g| sum and step count per seed."""
 
     def __init__(self, run_seed: int, size: int, mask: Mask, initial: torch.Tensor, *, sampling: str = "uniform",
-                 pro_clip: float = 1000.0):
+                 pro_clip: float = 1000.0, noise: NoiseSource):
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-        self.run_seed, self.mask, self.initial = run_seed, mask, initial
+        self.run_seed, self.mask, self.initial, self.noise = run_seed, mask, initial, noise
         self.sampling, self.pro_clip = sampling, pro_clip
         self.seeds, self.index_of = pool_seeds(run_seed, size), pool_index(run_seed, size)
         self.model = PoolModel.zeros(size, mask.size, initial.device)
@@ -212,7 +213,7 @@ class SeedPool:
     def aggregate(self, round_index: int, paths: Sequence[ClientPath]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Fold one round's accepted paths into the coefficients; returns (new global values, metrics)."""
         coefficients, touched = accumulate(self.model.coefficients, self.index_of, paths)
-        generated = self.model.move(self.mask, self.seeds, touched, coefficients[touched])
+        generated = self.model.move(self.mask, self.seeds, touched, coefficients[touched], noise=self.noise)
         self.changed_round[touched] = round_index
         if paths:
             positions = np.asarray([self.index_of[int(s)] for p in sorted(paths, key=lambda p: p.client_id)
@@ -253,18 +254,18 @@ class SeedPool:
 
 def client_catch_up(
     model: PoolModel | None, mask: Mask, run_seed: int, pool_size: int, positions: np.ndarray | None,
-    coefficients: np.ndarray, device: torch.device | str,
+    coefficients: np.ndarray, device: torch.device | str, *, noise: NoiseSource,
 ) -> PoolModel:
     """A client's pool model after a "pool" downlink message (a new object; ``model`` is unchanged)."""
     out = model.clone() if model is not None else PoolModel.zeros(pool_size, mask.size, device)
     positions = np.arange(pool_size) if positions is None else positions
-    out.move(mask, pool_seeds(run_seed, pool_size), positions, coefficients)
+    out.move(mask, pool_seeds(run_seed, pool_size), positions, coefficients, noise=noise)
     return out
 
 
 def client_replay(
     model: PoolModel | None, mask: Mask, run_seed: int, pool_size: int, rounds: Sequence[Sequence[ClientPath]],
-    device: torch.device | str, who: str,
+    device: torch.device | str, who: str, *, noise: NoiseSource,
 ) -> PoolModel:
     """A client's pool model after replaying the "scalars" downlink's paths: the server's coefficient sums,
     round by round, then one exact move of every coefficient they touched (at most K noise generations)."""
@@ -274,7 +275,7 @@ def client_replay(
         coefficients, changed = accumulate(coefficients, pool_index(run_seed, pool_size), paths, who)
         touched.update(changed.tolist())
     positions = np.asarray(sorted(touched), dtype=np.int64)
-    out.move(mask, pool_seeds(run_seed, pool_size), positions, coefficients[positions])
+    out.move(mask, pool_seeds(run_seed, pool_size), positions, coefficients[positions], noise=noise)
     return out
 
 

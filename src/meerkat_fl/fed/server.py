@@ -31,6 +31,7 @@ from meerkat_fl.fed.seedpool import SeedPool
 from meerkat_fl.fed.strategies import ClientInstructions, Strategy
 from meerkat_fl.local import step_seeds
 from meerkat_fl.masks import Mask
+from meerkat_fl.noise import NoiseSource, check_noise
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ class Server:
         local_steps: int, lr: float, eps: float, batch_size: int, weighting: str = "data_size",
         downlink: str = "values", sample_fraction: float = 1.0, sample_count: int | None = None,
         max_abs_scalar: float = 1e6, seed_pool: SeedPool | None = None, clip: ScalarClip | None = None,
+        noise: NoiseSource,
     ):
-        self.mask, self.values, self.strategy = mask, values, strategy
+        self.mask, self.values, self.strategy, self.noise = mask, values, strategy, noise
         self.client_sizes = dict(client_sizes)
         self.run_seed, self.local_steps, self.lr, self.eps, self.batch_size = run_seed, local_steps, lr, eps, batch_size
         self.weighting, self.downlink = weighting, downlink
@@ -130,7 +132,7 @@ class Server:
         common = {"round": round_index, "client_id": client_id, "seeds": seeds,
                   "lr": told.lr, "eps": self.eps, "batch_size": self.batch_size,
                   "pool_size": 0 if self.seed_pool is None else self.seed_pool.size,
-                  "estimator": told.estimator, "optimizer": told.optimizer}
+                  "estimator": told.estimator, "optimizer": told.optimizer, "noise": self.noise.name}
         return RoundPlan(**common, **self.link.plan_fields(client_id, round_index, self.values))
 
     def instructions(self) -> ClientInstructions:
@@ -174,7 +176,7 @@ class Server:
 
         def combine(start: torch.Tensor, accepted: Sequence[ClientPath]) -> torch.Tensor:
             if self.seed_pool is None:
-                return aggregate_paths(start, self.mask, accepted)
+                return aggregate_paths(start, self.mask, accepted, noise=self.noise)
             # FedKSeed: sum scalars per pool seed (the same mean of virtual paths, exact in fixed point)
             values, more = self.seed_pool.aggregate(self.round, accepted)
             pool_metrics.update(more)
@@ -199,13 +201,14 @@ class Server:
         """(tensors, JSON state) for a checkpoint."""
         strategy_tensors, strategy_state = self.strategy.state_dict()
         state = {"round": self.round, "downlink": self.link.state_dict(), "rejected_total": self.rejected_total,
-                 "strategy": strategy_state}
+                 "strategy": strategy_state, "noise": self.noise.name}
         tensors = {"server.values": self.values, **{f"strategy.{k}": v for k, v in strategy_tensors.items()}}
         if self.seed_pool is not None:
             tensors.update(self.seed_pool.state_tensors())
         return tensors, state
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        check_noise(self.noise.name, state.get("noise"), "the checkpoint's history")
         self.values = tensors["server.values"].to(self.values.device)
         self.round = state["round"]
         self.link.load_state_dict(state["downlink"])

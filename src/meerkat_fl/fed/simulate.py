@@ -89,7 +89,8 @@ def simulate(
 
     def observe(result: RoundResult) -> None:  # before metrics.jsonl: a round's line means its GradIP lines exist
         if log_gradip:
-            for record in gradip_records(result.round + 1, fed.params.mask, result.paths, cosine=cfg.vp.gradip_cosine):
+            for record in gradip_records(result.round + 1, fed.params.mask, result.paths, noise=fed.params.noise,
+                                         cosine=cfg.vp.gradip_cosine):
                 run.append_metrics(record, name=GRADIP_LOG)
 
     rounds = cfg.fed.rounds
@@ -100,7 +101,8 @@ def simulate(
     if fed.server.round < rounds:
         return {"interrupted_at_round": fed.server.round}
 
-    save_patch(run.patch_path, fed.params.mask, fed.server.values, {"task": cfg.task.name, "rounds": str(rounds)})
+    save_patch(run.patch_path, fed.params.mask, fed.server.values,
+               {"task": cfg.task.name, "rounds": str(rounds), "noise": fed.params.noise.name})
     rows = run.read_metrics()
     summary = {
         "method": method_name(cfg),

@@ -14,6 +14,7 @@ from meerkat_fl.fed.aggregate import client_endpoint
 from meerkat_fl.fed.messages import ClientPath, ClientUpdate
 from meerkat_fl.fed.strategies.base import ClientInstructions, Combine, RoundOutcome
 from meerkat_fl.masks import Mask
+from meerkat_fl.noise import LEGACY, NoiseSource
 
 SIGNALS = ("model_diff", "last_loss", "mean_loss_5")
 
@@ -40,17 +41,19 @@ def personalised_lrs(lr: float, lr_scale: float, signals: dict[int, float]) -> d
     return {k: personalised_lr(lr, lr_scale, phi) for k, phi in heterogeneity_index(signals).items()}
 
 
-def model_diff_signals(start: torch.Tensor, mask: Mask, paths: Sequence[ClientPath]) -> dict[int, float]:
+def model_diff_signals(
+    start: torch.Tensor, mask: Mask, paths: Sequence[ClientPath], *, noise: NoiseSource
+) -> dict[int, float]:
     """D_i = sum over tensors of ||delta_i - mean_j delta_j||_2, delta_i = w_i^T - w^{r-1} (two replays each)."""
     if not paths:
         return {}
     mean_delta = torch.zeros_like(start)
     for path in paths:
-        mean_delta.add_(client_endpoint(start, mask, path) - start, alpha=1.0 / len(paths))
+        mean_delta.add_(client_endpoint(start, mask, path, noise=noise) - start, alpha=1.0 / len(paths))
     bounds = np.concatenate([[0], np.cumsum(mask.sizes)])
     signals = {}
     for path in paths:
-        diff = client_endpoint(start, mask, path) - start - mean_delta
+        diff = client_endpoint(start, mask, path, noise=noise) - start - mean_delta
         signals[path.client_id] = float(sum(diff[a:b].norm() for a, b in itertools.pairwise(bounds)))
     return signals
 
@@ -66,11 +69,13 @@ class FedMeZOStrategy:
 
     name = "fedmezo"
 
-    def __init__(self, signal: str = "model_diff", lr_scale: float = 5e-6, lr: float | None = None):
+    def __init__(self, signal: str = "model_diff", lr_scale: float = 5e-6, lr: float | None = None, *,
+                 noise: NoiseSource = LEGACY):
         """``lr``, the run's base lr, is only used to report the next round's lrs (``configure`` gets it)."""
         if signal not in SIGNALS:
             raise ValueError(f"fedmezo signal must be one of {SIGNALS}, got {signal!r}")
         self.signal, self.lr_scale, self.lr = signal, lr_scale, lr
+        self.noise = noise  # the run's: model_diff replays every client's path
         self.phi: dict[int, float] = {}
         self.loss_history: dict[int, list[float]] = {}
 
@@ -83,7 +88,7 @@ class FedMeZOStrategy:
     def _signals(self, start: torch.Tensor, mask: Mask, paths: Sequence[ClientPath],
                  updates: Mapping[int, ClientUpdate]) -> dict[int, float]:
         if self.signal == "model_diff":
-            return model_diff_signals(start, mask, paths)
+            return model_diff_signals(start, mask, paths, noise=self.noise)
         if self.signal == "last_loss":
             return {cid: self.loss_history[cid][-1] for cid in updates}
         return {cid: float(np.mean(self.loss_history[cid][-5:])) for cid in updates}

@@ -16,6 +16,7 @@ from meerkat_fl.errors import ConfigError
 from meerkat_fl.fed.messages import ClientPath, ClientUpdate
 from meerkat_fl.fed.strategies.base import ClientInstructions, Combine, RoundOutcome, UniformStrategy
 from meerkat_fl.masks import Mask
+from meerkat_fl.noise import LEGACY, NoiseSource
 from meerkat_fl.vp import CONTROLS, DetectionSettings, Signals, path_gradip, random_stop_set
 
 
@@ -35,11 +36,12 @@ class MeerkatVPStrategy(UniformStrategy):
     name = "meerkat_vp"
 
     def __init__(self, client_ids: Sequence[int], settings: DetectionSettings, *, recheck_every: int = 20,
-                 control: str = "detect", seed: int = 0):
+                 control: str = "detect", seed: int = 0, noise: NoiseSource = LEGACY):
         if control not in CONTROLS:
             raise ConfigError(f"vp.control must be one of {CONTROLS}, got {control!r}")
         self.client_ids = sorted(int(c) for c in client_ids)
         self.settings, self.recheck_every, self.control, self.seed = settings, recheck_every, control, seed
+        self.noise = noise  # the run's: GradIP regenerates each step's z
         self.trajectories: dict[int, list[float]] = {}
         self.signals: dict[int, Signals] = {}  # last signals of each classified client
         self.stopped: list[int] = []  # the clients running one local step per round
@@ -86,7 +88,8 @@ class MeerkatVPStrategy(UniformStrategy):
         self, round_index: int, start: torch.Tensor, mask: Mask, paths: Sequence[ClientPath],
         updates: Mapping[int, ClientUpdate], combine: Combine,
     ) -> RoundOutcome:
-        gradip = {p.client_id: path_gradip(mask, p.seeds.tolist(), p.scalars.tolist())[0] for p in paths}
+        gradip = {p.client_id: path_gradip(mask, p.seeds.tolist(), p.scalars.tolist(), noise=self.noise)[0]
+                  for p in paths}
         return RoundOutcome(combine(start, paths), self.observe(round_index, gradip))
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -14,17 +14,20 @@ from meerkat_fl.fed.strategies.base import Strategy, UniformStrategy
 from meerkat_fl.fed.strategies.fedavg_fo import FedAvgFOStrategy
 from meerkat_fl.fed.strategies.fedmezo import FedMeZOStrategy
 from meerkat_fl.fed.strategies.meerkat_vp import MeerkatVPStrategy
+from meerkat_fl.noise import noise_source
 from meerkat_fl.vp import DetectionSettings
 
 
 def _fedmezo(cfg: Any) -> Strategy:
-    return FedMeZOStrategy(cfg.fedmezo.signal, cfg.fedmezo.lr_scale, cfg.zo.lr)
+    return FedMeZOStrategy(cfg.fedmezo.signal, cfg.fedmezo.lr_scale, cfg.zo.lr,
+                           noise=noise_source(cfg.zo.noise_generator, cfg.zo.noise))
 
 
 def _meerkat_vp(cfg: Any) -> Strategy:
     vp = cfg.vp
     return MeerkatVPStrategy(range(cfg.fed.num_clients), DetectionSettings.from_vp(vp),
-                             recheck_every=vp.recheck_every, control=vp.control, seed=cfg.run.seed)
+                             recheck_every=vp.recheck_every, control=vp.control, seed=cfg.run.seed,
+                             noise=noise_source(cfg.zo.noise_generator, cfg.zo.noise))
 
 
 STRATEGIES: dict[str, Callable[[Any], Strategy]] = {
