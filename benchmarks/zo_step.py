@@ -1,5 +1,8 @@
 """Cost of one zeroth-order step against inference: SmolLM2-135M, float32 CPU, batch 8 x 64 tokens.
 
+(Over the house's ~400 lines on purpose: every phase must be timed in one process against the same forward
+baseline, so the phases stay in one script; the noise phases' helpers live in zo_noise.py.)
+
 A full step is ``zo_step`` (perturb +eps, loss, perturb -eps, loss, restore by copy) followed by
 ``apply_step`` (z again, update the master values), exactly what ``local_train`` runs, with the library's
 ``zo.noise_cache=auto`` (z drawn once per step for the sparse mask, three times for dense); a third phase

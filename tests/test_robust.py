@@ -101,7 +101,7 @@ def test_replay_stays_exact_with_clipping_active(tiny_cfg):
     last = fed.server.link.history[2]
     for client in fed.clients.values():  # each client replayed rounds 0..1 from the clipped paths it was sent
         assert client.synced_round == 1
-        assert torch.equal(aggregate_paths(client.values, fed.params.mask, last), fed.server.values)
+        assert torch.equal(aggregate_paths(client.values, fed.params.mask, last, noise=fed.params.noise), fed.server.values)
 
 
 def test_clip_counts_reach_metrics_jsonl(tiny_cfg, tmp_path):

@@ -1,0 +1,140 @@
+"""The config's rules: allowed values (defined by the registries that own them), ranges, bounds on keys that
+drive memory, cross-key checks, and the method's resolution (``methods.resolve``). ``config.validate`` calls
+``validate`` here; split from config.py, which keeps the dataclasses, TOML and the override grammar.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from meerkat_fl.config import Config, flatten
+from meerkat_fl.errors import ConfigError
+from meerkat_fl.fed.messages import MAX_POOL_SIZE
+from meerkat_fl.fed.seedpool import SAMPLINGS
+from meerkat_fl.fed.strategies import strategy_names
+from meerkat_fl.fed.strategies.fedmezo import SIGNALS as FEDMEZO_SIGNALS
+from meerkat_fl.local import FO_OPTIMIZERS
+from meerkat_fl.masks import FILE_KINDS
+from meerkat_fl.methods import method_names
+from meerkat_fl.vp import CONTROLS as VP_CONTROLS
+
+# Allowed values; those of methods, strategies, mask kinds, samplings, signals and controls are defined by the
+# registries and modules that own them.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "method": method_names(),
+    "model.dtype": ("float32", "fp32", "bf16", "bfloat16", "fp16", "float16"),
+    "task.eval_split": ("test", "validation"),
+    "mask.kind": FILE_KINDS,
+    "mask.scope": ("linear", "all"),
+    "mask.selection": ("per_tensor", "global"),
+    "mask.score": ("fisher", "grad_squared"),
+    "fed.strategy": strategy_names(),
+    "fed.partition": ("iid", "dirichlet", "pathological", "mixture"),
+    "fed.mixture_rest": ("dirichlet", "iid"),
+    "fed.weighting": ("data_size", "uniform"),
+    "fed.downlink": ("values", "scalars", "pool"),
+    "fed.clip": ("none", "norm", "scalar"),
+    "fedkseed.sampling": SAMPLINGS,
+    "zo.noise_cache": ("auto", "on", "off"),
+    "fo.optimizer": tuple(FO_OPTIMIZERS),
+    "zo.noise": ("gaussian", "rademacher"),
+    "zo.noise_generator": ("torch_cpu", "philox"),
+    "fedmezo.signal": FEDMEZO_SIGNALS,
+    "vp.control": VP_CONTROLS,
+}
+POSITIVE = {
+    "zo.eps", "zo.batch_size", "task.max_length", "task.eval_batch_size", "task.validation_size",
+    "fed.num_clients", "fed.rounds",
+    "fed.local_steps", "mask.calibration_sequences", "mask.calibration_seq_len", "mask.calibration_batch_size",
+    "fed.alpha", "run.checkpoint_every", "fed.labels_per_client", "vp.calibration_steps", "vp.recheck_every",
+    "lora.rank", "lora.alpha", "fedkseed.pro_clip", "fed.clip_factor", "fed.max_abs_scalar",
+}
+NON_NEGATIVE = {"zo.lr", "fo.lr", "train.steps", "train.eval_every", "run.eval_every", "fed.num_extreme", "vp.quiet_factor"}
+
+
+
+def validate(cfg: Config) -> Config:
+    """Resolve the method (in place: ``methods.resolve``), check choices and ranges; returns ``cfg`` or raises
+    ConfigError naming the key."""
+    _check_choices(flatten(cfg))
+    resolve_method(cfg)
+    flat = flatten(cfg)
+    for key, value in flat.items():  # NaN passes every range check below; inf trains nothing
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    if not 0.0 < cfg.mask.density <= 1.0:
+        raise ConfigError(f"mask.density: must be in (0, 1], got {cfg.mask.density!r}")
+    if not 0.0 < cfg.fed.sample_fraction <= 1.0:
+        raise ConfigError(f"fed.sample_fraction: must be in (0, 1], got {cfg.fed.sample_fraction!r}")
+    if cfg.fed.sample_count is not None and not 1 <= cfg.fed.sample_count <= cfg.fed.num_clients:
+        raise ConfigError(f"fed.sample_count: must be in [1, fed.num_clients], got {cfg.fed.sample_count}")
+    for key in ("task.train_size", "task.eval_size"):
+        if flat[key] is not None and flat[key] < 1:
+            raise ConfigError(f"{key}: must be >= 1 or none, got {flat[key]!r}")
+    _validate_vp(cfg)
+    _validate_lora(cfg)
+    _validate_fedkseed(cfg)
+    return cfg
+
+
+def _check_choices(flat: Mapping[str, Any]) -> None:
+    for key, choices in CHOICES.items():
+        if flat[key] is not None and flat[key] not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}, got {flat[key]!r}")
+
+
+def _validate_lora(cfg: Config) -> None:
+    """LoRA settings are checked whatever the mask kind (a saved config stays loadable when switched to lora)."""
+    lora = cfg.lora
+    if not lora.targets or any(not t.strip(". ") for t in lora.targets):
+        raise ConfigError(f"lora.targets: must be a non-empty list of module names, got {list(lora.targets)!r}")
+    if cfg.mask.kind == "lora" and cfg.mask.path is not None:
+        raise ConfigError("mask.path cannot be used with mask.kind=lora: the adapters come from the [lora] section")
+
+
+def _validate_fedkseed(cfg: Config) -> None:
+    """The pool size fits the wire format's positions; the pool downlink and Pro sampling need a pool."""
+    if not 0 <= cfg.fedkseed.pool_size <= MAX_POOL_SIZE:
+        raise ConfigError(f"fedkseed.pool_size: must be in [0, {MAX_POOL_SIZE}] (0 = no pool), "
+                          f"got {cfg.fedkseed.pool_size}")
+    if cfg.fedkseed.pool_size == 0 and cfg.fed.downlink == "pool":
+        raise ConfigError("fed.downlink=pool needs a seed pool: set fedkseed.pool_size (the paper uses 4096)")
+    if cfg.fedkseed.pool_size == 0 and cfg.fedkseed.sampling != "uniform":
+        raise ConfigError("fedkseed.sampling=pro needs a seed pool: set fedkseed.pool_size (the paper uses 4096)")
+
+
+def _validate_vp(cfg: Config) -> None:
+    """Meerkat-vp's windows must fit in the calibration trajectory, and GradIP needs a sensitive mask."""
+    vp = cfg.vp
+    for key, (start, end) in (("vp.early_window", vp.early_window), ("vp.late_window", vp.late_window)):
+        if not 0 <= start < end <= vp.calibration_steps:
+            raise ConfigError(f"{key}: must be [start, end) with 0 <= start < end <= vp.calibration_steps "
+                              f"({vp.calibration_steps}), got {[start, end]}")
+    if cfg.fed.strategy == "meerkat_vp" and cfg.mask.kind != "sensitive" and cfg.mask.path is None:
+        raise ConfigError(f"fed.strategy=meerkat_vp needs GradIP, i.e. mask.kind=sensitive, got {cfg.mask.kind!r}")
+
+
+def _set_dotted(cfg: Config, key: str, value: Any) -> None:
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+
+
+def resolve_method(cfg: Config) -> Config:
+    """Apply ``cfg.method``'s fixed settings and defaults in place (``methods.resolve``); an explicit method
+    stays recorded, an inferred one is not written (so an old config's flags keep their meaning)."""
+    from meerkat_fl import methods
+
+    _, updates = methods.resolve(flatten(cfg), flatten(Config()), cfg.method)
+    for key, value in updates.items():
+        _set_dotted(cfg, key, value)
+    return cfg
+
+
