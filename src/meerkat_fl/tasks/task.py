@@ -132,6 +132,12 @@ class Task:
         """Rows are partitioned by class: the class names."""
         return self.label_names
 
+    def configure(self, options: Mapping[str, Any]) -> Task:
+        """This task with `options` applied; a classification task takes none of the generation settings."""
+        if options:
+            raise ConfigError(f"task {self.name!r} does not take task.{min(options)}")
+        return self
+
     @property
     def splits(self) -> list[str]:
         return list(self.sources)
