@@ -106,6 +106,10 @@ class InstructionTask:
             raise ConfigError(str(exc)) from None
 
     @property
+    def loss_name(self) -> str:
+        return self.loss_kind
+
+    @property
     def partition_names(self) -> tuple[str, ...]:
         """Rows are partitioned by category: the category names (none when the data has no category)."""
         return self.categories

@@ -50,6 +50,11 @@ class TaskProtocol(Protocol):
     primary_metric: str  # a key of evaluate()'s result, e.g. "accuracy"
 
     @property
+    def loss_name(self) -> str:
+        """The training loss this task computes (e.g. "verbalizer", "options", "response"): run summaries record it."""
+        ...
+
+    @property
     def partition_names(self) -> tuple[str, ...]:
         """A name per partition label (index = label), for histograms."""
         ...
@@ -93,6 +98,10 @@ class Scorer:
     @property
     def primary_metric(self) -> str:
         return self.task.primary_metric
+
+    @property
+    def loss_name(self) -> str:
+        return self.task.loss_name
 
     def loss(self, batch: Any) -> float:
         return self.task.loss(self.model, batch)
