@@ -286,3 +286,28 @@ def test_dolly_is_read_with_its_eight_categories(data_dir):
 def test_alpaca_subset_has_no_category(data_dir):
     data = get_task("alpaca").load("test", data_dir=data_dir)
     assert len(data) == 80 and (data.categories == NO_CATEGORY).all()
+
+
+def test_partition_command_prints_the_per_client_category_histogram(capsys):
+    from meerkat_fl.cli import main
+
+    assert main(["partition", "--task", "synthetic_instruct", "--scheme", "pathological", "--clients", "5"]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[1].split()
+    assert header == ["client", "kind", "size", "repeat", "reverse", "first", "count", "name", "dominant"]
+    assert out.count("100.0%") == 5
+
+
+def test_a_category_scheme_on_data_without_categories_is_a_one_line_cli_error(tmp_path, capsys):
+    from meerkat_fl.cli import main
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"instruction": f"q{i}", "response": "a"} for i in range(20)])
+    code = main(["partition", "--task", "instruct", "--scheme", "dirichlet", "--clients", "4",
+                 "--set", f"task.train_path={str(path)!r}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "use fed.partition=iid" in err
+
+
+def test_missing_data_names_the_ways_to_provide_it(tmp_path):
+    with pytest.raises(DataError, match=r"no data for task 'dolly' split 'test'.*dolly/test.jsonl.*databricks"):
+        get_task("dolly").load("test", data_dir=tmp_path)
