@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 from pathlib import Path
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--eval-size", type=int, default=16)
     parser.add_argument("--validation-size", type=int, default=16)
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", default=os.environ.get("MEERKAT_DATA_DIR", str(REPO.parent / "shared" / "data")))
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-instruct"))
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "instruct.json"))
     parser.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "instruct.png"))

@@ -24,12 +24,16 @@ PROMPTS = ["Name a colour.\n", "Below is a longer instruction about the weather 
 RESPONSES = ["Red.", "It is mild, with rain and some sun in the afternoon.", "Hello there, how are you?", "red blue"]
 
 
-@pytest.fixture(scope="module", params=["llama", "gemma2_softcapped"])
-def model(request):
+def scoring_model(kind: str):
+    """test_scoring's models, seeded: a plain Llama, or a Gemma-2 whose final logits are soft-capped."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        built = _llama() if request.param == "llama" else _gemma2()
-    return built.eval()
+        return (_llama() if kind == "llama" else _gemma2()).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma2_softcapped"])
+def model(request):
+    return scoring_model(request.param)
 
 
 @pytest.fixture()

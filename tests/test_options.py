@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_scoring import _gemma2, _llama
+from test_instruct import scoring_model
 
 from meerkat_fl import config
 from meerkat_fl.errors import ConfigError
@@ -19,10 +19,7 @@ MULTI = (" Abbreviation", " Number", " great")  # the first two are several toke
 
 @pytest.fixture(scope="module", params=["llama", "gemma2_softcapped"])
 def model(request):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        built = _llama() if request.param == "llama" else _gemma2()
-    return built.eval()
+    return scoring_model(request.param)
 
 
 def hand_scores(model, tokenizer, prompt: str, options) -> torch.Tensor:

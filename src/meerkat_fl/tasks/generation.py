@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from meerkat_fl.errors import ConfigError, DataError
-from meerkat_fl.tasks.base import PER_ROW_POSITIONS, _special_prefix
+from meerkat_fl.tasks.base import PER_ROW_POSITIONS, _special_prefix, pad_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +175,8 @@ def encode_rows(
                     counts["prompts cut"], counts["responses cut"], response_room)
     if not kept:
         raise DataError(f"{source}: no row has a response token")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return GenerationData(prompt_ids, target_ids, [responses[i] for i in kept], np.asarray(categories)[kept],
-                          int(pad), int(eos), tokenizer, counts)
+                          pad_token_id(tokenizer), int(eos), tokenizer, counts)
 
 
 def response_logits(model: Any, batch: GenerationBatch, *, per_row: bool | None = None) -> torch.Tensor:

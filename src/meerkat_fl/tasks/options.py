@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from meerkat_fl.errors import ConfigError, DataError
-from meerkat_fl.tasks.base import ClassificationData, _special_prefix
+from meerkat_fl.tasks.base import ClassificationData, EncodedData, pad_token_id, prompt_token_ids
 from meerkat_fl.tasks.generation import GenerationBatch, response_logits
 
 
@@ -45,32 +45,15 @@ class OptionsBatch:
 
 
 @dataclass
-class OptionsData:
-    """Prompt token ids of every row and the tokens of every option; batches pair each row with each option."""
+class OptionsData(EncodedData):
+    """Prompt token ids of every row and the tokens of every option (index = label; `label_token_ids` unused);
+    batches pair each row with each option."""
 
-    token_ids: list[list[int]]
-    labels: np.ndarray  # int64 [N]
-    pad_id: int
-    option_ids: tuple[tuple[int, ...], ...]  # index = label
-
-    def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        if len(self.labels) != len(self.token_ids):
-            raise DataError(f"{len(self.token_ids)} token sequences but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def partition_labels(self) -> np.ndarray:
-        return self.labels
-
-    def lengths(self) -> np.ndarray:
-        return np.array([len(ids) for ids in self.token_ids], dtype=np.int64)
+    option_ids: tuple[tuple[int, ...], ...] = ()
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> OptionsData:
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
-        return OptionsData([self.token_ids[i] for i in index], self.labels[index], self.pad_id, self.option_ids)
+        return OptionsData([self.token_ids[i] for i in index], self.labels[index], self.pad_id, (), self.option_ids)
 
     def batch(self, indices: Sequence[int] | np.ndarray, device: torch.device | str = "cpu") -> OptionsBatch:
         """Every row at `indices` followed by every option, right padded, on `device`."""
@@ -98,21 +81,8 @@ class OptionsData:
 def encode_options(tokenizer, data: ClassificationData, options: Sequence[str], max_length: int) -> OptionsData:
     """Tokenise every prompt once, cut from the left so that it and its longest option fit in `max_length`."""
     option_ids = option_token_ids(tokenizer, options)
-    prefix = _special_prefix(tokenizer)
-    keep = max_length - len(prefix) - max(len(o) for o in option_ids)
-    if keep < 1:
-        raise ConfigError(f"max_length={max_length} leaves no room for a prompt token before the longest option "
-                          f"({max(len(o) for o in option_ids)} tokens) and {len(prefix)} special tokens")
-    texts = tokenizer(list(data.prompts), add_special_tokens=False)["input_ids"] if len(data) else []
-    token_ids = []
-    for row, ids in enumerate(texts):
-        if not ids:
-            raise DataError(f"{data.source}: prompt {row} tokenises to nothing")
-        token_ids.append(prefix + list(ids[-keep:]))
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return OptionsData(token_ids, data.labels.copy(), int(pad_id), option_ids)
+    token_ids = prompt_token_ids(tokenizer, data, max_length - max(len(o) for o in option_ids))
+    return OptionsData(token_ids, data.labels.copy(), pad_token_id(tokenizer), (), option_ids)
 
 
 def option_scores(model, batch: OptionsBatch) -> torch.Tensor:
