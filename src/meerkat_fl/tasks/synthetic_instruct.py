@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from meerkat_fl.errors import ConfigError
 from meerkat_fl.tasks.instruct import InstructionTask
 from meerkat_fl.tasks.instruct_data import InstructionData
 from meerkat_fl.tasks.registry import register
+from meerkat_fl.tasks.synthetic import split_stream
 
 WORDS = ("red", "blue", "green", "black", "white", "pink", "brown", "grey")
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
@@ -50,11 +50,8 @@ class SyntheticInstructions(InstructionTask):
         """Generated rows of `split`; an explicit file `path` is read like any instruction task's."""
         if path is not None:
             return super().load(split, path=path)
-        sizes = dict(self.sizes)
-        if split not in sizes:
-            raise ConfigError(f"task {self.name!r} has no split {split!r}; known splits: {list(sizes)}")
-        rng = np.random.default_rng([self.seed, list(sizes).index(split)])
-        games = rng.permutation(np.arange(sizes[split]) % len(GAMES))
+        rng, size = split_stream(self.name, self.sizes, self.seed, split)
+        games = rng.permutation(np.arange(size) % len(GAMES))
         rows = [game_row(rng, int(game)) for game in games]
         return InstructionData([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], games,
                                f"synthetic:{self.name}:{split}")
