@@ -315,3 +315,9 @@ def test_a_category_scheme_on_data_without_categories_is_a_one_line_cli_error(tm
 def test_missing_data_names_the_ways_to_provide_it(tmp_path):
     with pytest.raises(DataError, match=r"no data for task 'dolly' split 'test'.*dolly/test.jsonl.*databricks"):
         get_task("dolly").load("test", data_dir=tmp_path)
+
+
+def test_a_hub_dataset_id_names_its_instruction_task_and_an_unreachable_hub_is_a_data_error(tmp_path):
+    assert get_task("databricks/databricks-dolly-15k").name == "dolly"
+    with pytest.raises(DataError, match="Hugging Face 'someone/instructions'"):
+        get_task("instruct").load("train", hub="someone/instructions", data_dir=tmp_path)

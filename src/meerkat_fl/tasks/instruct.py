@@ -30,6 +30,7 @@ from meerkat_fl.tasks.generation import (
     generation_metrics,
     response_loss,
 )
+from meerkat_fl.tasks.hub import parse_hub_id
 from meerkat_fl.tasks.instruct_data import (
     InstructionData,
     column_map,
@@ -37,6 +38,7 @@ from meerkat_fl.tasks.instruct_data import (
     read_instructions,
 )
 from meerkat_fl.tasks.registry import register
+from meerkat_fl.tasks.sources import HubSource, SplitSource
 from meerkat_fl.tasks.task import holdout_indices
 
 # Stanford Alpaca's prompts (alpaca/train.py PROMPT_DICT), the template FedMeZO's and FedKSeed's code use.
@@ -106,6 +108,16 @@ class InstructionTask:
             raise ConfigError(str(exc)) from None
 
     @property
+    def sources(self) -> dict[str, SplitSource]:
+        """The hub dataset of each split, as classification tasks declare theirs (the registry finds a task by its
+        dataset id: task.name = "databricks/databricks-dolly-15k" is dolly)."""
+        if self.hub is None:
+            return {}
+        name, config = parse_hub_id(self.hub)
+        source = SplitSource(hub=HubSource(name, config, "train", column_map(self.hub_columns)))
+        return {"train": source, "test": source}
+
+    @property
     def loss_name(self) -> str:
         return self.loss_kind
 
@@ -125,12 +137,15 @@ class InstructionTask:
                 renamed[key] = tuple(renamed[key])
         return replace(self, **renamed)
 
-    def load(self, split: str, *, path: str | Path | None = None,
-             data_dir: str | Path | None = None) -> InstructionData:
-        """Rows of `split` from `path`, else `data_dir`, else the hub (see the module doc)."""
+    def load(self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None,
+             hub: str | None = None) -> InstructionData:
+        """Rows of `split` from `path`, else `data_dir`, else the hub (see the module doc); `hub` (a dataset id,
+        read with task.columns) replaces the task's own files and dataset."""
         columns = column_map(self.columns)
         if path is not None:
             return read_instructions(path, columns, self.categories)
+        if hub is not None:
+            return replace(self, files={}, hub=hub, hub_columns=self.columns).load(split, data_dir=data_dir)
         if split not in ("train", "test"):
             raise ConfigError(f"task {self.name!r} has no split {split!r}; known splits: ['train', 'test']")
         tried: list[str] = []
@@ -141,7 +156,8 @@ class InstructionTask:
                 return read_instructions(file_path, columns, self.categories)
             tried.append(f"{file_path} does not exist")
         if self.hub is not None:
-            result = read_hub_instructions(self.hub, "train", column_map(self.hub_columns), self.categories)
+            name, config = parse_hub_id(self.hub)
+            result = read_hub_instructions(name, config, "train", column_map(self.hub_columns), self.categories)
             if isinstance(result, InstructionData):
                 return result.subset(holdout_indices(result.categories, split, HUB_TEST_FRACTION, HUB_HOLDOUT_SEED))
             tried.append(f"Hugging Face {self.hub!r}: {result}")

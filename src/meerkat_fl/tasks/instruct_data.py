@@ -154,7 +154,7 @@ def read_instructions(
 
 
 def read_hub_instructions(
-    name: str, split: str, columns: Mapping[str, str], categories: Sequence[str] = ()
+    name: str, config: str | None, split: str, columns: Mapping[str, str], categories: Sequence[str] = ()
 ) -> InstructionData | str:
     """Rows of a Hugging Face dataset split, or the reason it could not be loaded (a str), as tasks/hub.py."""
     try:
@@ -162,11 +162,11 @@ def read_hub_instructions(
     except ImportError:
         return "the `datasets` package is not installed"
     try:
-        table = datasets.load_dataset(name, split=split)
+        table = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, ...: all mean "not available here"
         logger.info("hub dataset %s split %s unavailable: %s", name, split, exc)
         return f"{type(exc).__name__}: {exc}"
-    source = f"hf:{name}:{split}"
+    source = f"hf:{name}" + (f"/{config}" if config else "") + f":{split}"
     collector = _Collector(source, categories)
     for number, record in enumerate(table):
         missing = [columns[n] for n in REQUIRED if columns[n] not in record]

@@ -45,11 +45,11 @@ class SyntheticInstructions(InstructionTask):
     seed: int = 0
     sizes: tuple[tuple[str, int], ...] = (("train", 400), ("test", 40))
 
-    def load(self, split: str, *, path: str | Path | None = None,
-             data_dir: str | Path | None = None) -> InstructionData:
-        """Generated rows of `split`; an explicit file `path` is read like any instruction task's."""
-        if path is not None:
-            return super().load(split, path=path)
+    def load(self, split: str, *, path: str | Path | None = None, data_dir: str | Path | None = None,
+             hub: str | None = None) -> InstructionData:
+        """Generated rows of `split`; a file `path` or a dataset `hub` is read like any instruction task's."""
+        if path is not None or hub is not None:
+            return super().load(split, path=path, hub=hub)
         rng, size = split_stream(self.name, self.sizes, self.seed, split)
         games = rng.permutation(np.arange(size) % len(GAMES))
         rows = [game_row(rng, int(game)) for game in games]
