@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from meerkat_fl.errors import DataError
+from meerkat_fl.tasks.hub import load_hub_table
 from meerkat_fl.tasks.loaders import _lookup, _open, _rows, file_format
 
 logger = logging.getLogger(__name__)
@@ -157,16 +158,10 @@ def read_hub_instructions(
     name: str, config: str | None, split: str, columns: Mapping[str, str], categories: Sequence[str] = ()
 ) -> InstructionData | str:
     """Rows of a Hugging Face dataset split, or the reason it could not be loaded (a str), as tasks/hub.py."""
-    try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError:
-        return "the `datasets` package is not installed"
-    try:
-        table = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:  # noqa: BLE001 - offline, unknown id, ...: all mean "not available here"
-        logger.info("hub dataset %s split %s unavailable: %s", name, split, exc)
-        return f"{type(exc).__name__}: {exc}"
-    source = f"hf:{name}" + (f"/{config}" if config else "") + f":{split}"
+    loaded = load_hub_table(name, config, split)
+    if isinstance(loaded, str):
+        return loaded
+    table, source = loaded
     collector = _Collector(source, categories)
     for number, record in enumerate(table):
         missing = [columns[n] for n in REQUIRED if columns[n] not in record]
