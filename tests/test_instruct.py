@@ -321,3 +321,14 @@ def test_a_hub_dataset_id_names_its_instruction_task_and_an_unreachable_hub_is_a
     assert get_task("databricks/databricks-dolly-15k").name == "dolly"
     with pytest.raises(DataError, match="Hugging Face 'someone/instructions'"):
         get_task("instruct").load("train", hub="someone/instructions", data_dir=tmp_path)
+
+
+def test_loss_tensor_is_the_loss_and_differentiable(rows):
+    model = scoring_model("llama")
+    batch = rows.batch([0, 1])
+    loss = get_task("dolly").loss_tensor(model, batch)
+    assert float(loss.detach()) == pytest.approx(response_loss(model, batch), abs=1e-6)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    weight.requires_grad_(True)
+    (grad,) = torch.autograd.grad(get_task("dolly").loss_tensor(model, batch), weight)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -205,8 +205,13 @@ def response_logits(model: Any, batch: GenerationBatch, *, per_row: bool | None 
 @torch.no_grad()
 def response_loss(model: Any, batch: GenerationBatch) -> float:
     """Mean cross-entropy of the response tokens (EOS included) over the full vocabulary (nats)."""
+    return float(response_loss_tensor(model, batch))
+
+
+def response_loss_tensor(model: Any, batch: GenerationBatch) -> torch.Tensor:
+    """``response_loss`` as a 0-d tensor, autograd as the caller set it (first-order training)."""
     logits = response_logits(model, batch)
-    return float(F.cross_entropy(logits.float(), batch.targets.to(logits.device)))
+    return F.cross_entropy(logits.float(), batch.targets.to(logits.device))
 
 
 def _device(model: Any) -> torch.device:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from meerkat_fl.errors import ConfigError, DataError
 from meerkat_fl.tasks.generation import (
     GenerationBatch,
@@ -29,6 +31,7 @@ from meerkat_fl.tasks.generation import (
     encode_rows,
     generation_metrics,
     response_loss,
+    response_loss_tensor,
 )
 from meerkat_fl.tasks.hub import parse_hub_id
 from meerkat_fl.tasks.instruct_data import (
@@ -178,6 +181,10 @@ class InstructionTask:
     def loss(self, model: Any, batch: GenerationBatch) -> float:
         """Mean cross-entropy of the batch's response tokens, full vocabulary, prompt masked (nats)."""
         return response_loss(model, batch)
+
+    def loss_tensor(self, model: Any, batch: GenerationBatch) -> torch.Tensor:
+        """The same loss as a differentiable 0-d tensor (first-order training)."""
+        return response_loss_tensor(model, batch)
 
     def evaluate(self, model: Any, data: GenerationData, batch_size: int = 32) -> dict[str, float]:
         """{"loss", "rouge_l"} of `model` on `data` (generation.generation_metrics)."""
