@@ -57,7 +57,8 @@ def test_single_token_options_give_the_verbalizer_loss(model, tokenizer, data):
 def test_options_metrics_match_batch_scores(model, tokenizer, data):
     encoded = encode_options(tokenizer, data, (" terrible", " great"), 64)
     metrics = options_metrics(model, encoded, batch_size=4)
-    scores = option_scores(model, encoded.batch(range(5)))
+    with torch.no_grad():
+        scores = option_scores(model, encoded.batch(range(5)))
     assert metrics["accuracy"] == pytest.approx(float((scores.argmax(-1) == torch.tensor(data.labels)).float().mean()))
     assert metrics["loss"] == pytest.approx(float(F.cross_entropy(scores, torch.tensor(data.labels))), abs=1e-5)
 
