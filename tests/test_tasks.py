@@ -16,6 +16,7 @@ import torch
 from meerkat_fl.errors import ConfigError, DataError
 from meerkat_fl.tasks import (
     ClassificationData,
+    Task,
     encode,
     get_task,
     holdout_indices,
@@ -64,7 +65,10 @@ def test_encode_keeps_bos_when_truncating(tokenizer):
     assert encoded.token_ids[0] == [1] + full[-7:]
 
 
-@pytest.mark.parametrize("name", list_tasks())
+CLASSIFICATION = [name for name in list_tasks() if isinstance(get_task(name), Task)]
+
+
+@pytest.mark.parametrize("name", CLASSIFICATION)
 def test_label_words_are_single_distinct_tokens(tokenizer, name):
     task = get_task(name)
     assert len(set(label_token_ids(tokenizer, task.label_words))) == task.num_labels
@@ -219,9 +223,13 @@ def test_subset_keeps_rows_in_given_order(tokenizer, data):
 
 @pytest.mark.parametrize("name", list_tasks())
 def test_every_registered_task_implements_the_protocol(name):
+    assert isinstance(get_task(name), TaskProtocol)
+
+
+@pytest.mark.parametrize("name", CLASSIFICATION)
+def test_classification_tasks_report_accuracy_and_partition_by_class(name):
     task = get_task(name)
-    assert isinstance(task, TaskProtocol) and task.primary_metric == "accuracy"
-    assert len(task.partition_names) == task.num_labels
+    assert task.primary_metric == "accuracy" and len(task.partition_names) == task.num_labels
 
 
 def test_synthetic_task_is_generated_the_same_every_time_with_a_label_signal():

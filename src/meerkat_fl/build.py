@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from meerkat_fl.config import Config, MaskConfig, TaskConfig
-from meerkat_fl.errors import DataError
+from meerkat_fl.config import TASK_OPTIONS, Config, MaskConfig, TaskConfig
+from meerkat_fl.errors import ConfigError, DataError
 from meerkat_fl.fed.client import Client, ClientRuntime
 from meerkat_fl.fed.messages import PlanLimits
 from meerkat_fl.fed.robust import ScalarClip
@@ -29,7 +29,7 @@ from meerkat_fl.masks import Mask, build_mask, calibration_batches, load_mask, s
 from meerkat_fl.models import LoadedModel, default_cache_dir, load_model
 from meerkat_fl.noise import noise_source
 from meerkat_fl.partition import Partition, make_partition
-from meerkat_fl.tasks import EncodedSplit, Scorer, Split, get_task
+from meerkat_fl.tasks import EncodedSplit, Scorer, Split, TaskProtocol, get_task
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,14 @@ def hold_out(data: Split, size: int) -> tuple[Split, Split]:
     return data.subset(np.sort(order[size:])), data.subset(np.sort(order[:size]))
 
 
+def build_task(task_cfg: TaskConfig) -> TaskProtocol:
+    """The named task with the task settings the config sets (TASK_OPTIONS; unset ones keep the task's own)."""
+    options = {key: getattr(task_cfg, key) for key in TASK_OPTIONS if getattr(task_cfg, key) not in (None, ())}
+    return get_task(task_cfg.name).configure(options)
+
+
 def build_task_data(task_cfg: TaskConfig, loaded: LoadedModel, seed: int) -> TaskData:
-    task = get_task(task_cfg.name)
+    task = build_task(task_cfg)
     train = task.load("train", path=task_cfg.train_path, data_dir=task_cfg.data_dir, hub=task_cfg.hub)
     if task_cfg.eval_split == "validation":
         train, test = hold_out(train, task_cfg.validation_size)
@@ -161,6 +167,10 @@ def build_model(cfg: Config) -> LoadedModel:
 
 
 def partition_for(cfg: Config, labels: np.ndarray) -> Partition:
+    unlabelled = int(np.sum(np.asarray(labels) < 0))  # rows without a category (protocol: label -1)
+    if unlabelled and cfg.fed.partition != "iid":
+        raise ConfigError(f"fed.partition={cfg.fed.partition} splits clients by category, but {unlabelled} training "
+                          f"rows of task {cfg.task.name!r} have none: use fed.partition=iid")
     params: dict[str, Any] = {}
     if cfg.fed.partition == "dirichlet":
         params = {"alpha": cfg.fed.alpha}

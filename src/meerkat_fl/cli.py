@@ -167,21 +167,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from meerkat_fl.build import build_task, subsample
     from meerkat_fl.fed.simulate import partition_for
     from meerkat_fl.partition import format_histogram, save_partition
-    from meerkat_fl.tasks import get_task
 
     cfg = _config(args, [f"{k}={v}" for k, v in (
         ("task.name", args.task), ("fed.partition", args.scheme), ("fed.num_clients", args.clients),
         ("fed.alpha", args.alpha), ("fed.num_extreme", args.extreme), ("fed.labels_per_client", args.labels_per_client),
         ("run.seed", args.seed)) if v is not None])
-    task = get_task(cfg.task.name)
+    task = build_task(cfg.task)
     data = task.load("train", path=cfg.task.train_path, data_dir=cfg.task.data_dir, hub=cfg.task.hub)
-    from meerkat_fl.build import subsample
-
     data = subsample(data, cfg.task.train_size, cfg.run.seed)
-    partition = partition_for(cfg, data.partition_labels)
-    print(format_histogram(data.partition_labels, partition, label_names=task.partition_names))
+    labels = data.partition_labels
+    partition = partition_for(cfg, labels)
+    names = [task.partition_names[c] if c >= 0 else "none" for c in np.unique(labels)]  # the labels present
+    print(format_histogram(labels, partition, label_names=names))
     if args.out:
         save_partition(partition, args.out)
         print(f"wrote {args.out}")

@@ -45,6 +45,20 @@ class TaskConfig:
     # (the same for every run seed), for tuning hyper-parameters without touching the test split.
     eval_split: str = "test"
     validation_size: int = 500  # examples held out of the training split when eval_split = "validation"
+    # The task's own settings (TASK_OPTIONS; unset = the task's default; a task refuses those it does not take;
+    # None, not a default value, so checkpoints written before a key existed still match).
+    loss: str | None = None  # classification: verbalizer (default) | options; generation: response
+    template: str | None = None  # generation: alpaca (default) | chat (the tokenizer's chat template)
+    max_prompt_length: int | None = None  # generation: prompt tokens (cut from the left); default: what is left
+    max_response_length: int | None = None  # generation: response tokens incl. EOS; default max_length // 2
+    max_new_tokens: int | None = None  # generation: greedy tokens per row at evaluation (ROUGE-L); default 64
+    columns: tuple[str, ...] | None = None  # generation: "field=column" for a file's columns, e.g. ["response=output"]
+    categories: tuple[str, ...] | None = None  # generation: category names of a local file (partition labels)
+
+
+# TaskConfig keys that configure the task itself (passed to its `configure` when set).
+TASK_OPTIONS = ("loss", "template", "max_prompt_length", "max_response_length", "max_new_tokens", "columns",
+                "categories")
 
 
 @dataclass

@@ -95,6 +95,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
     summary = {
         "method": "mezo" if mask.kind == "dense" else f"mezo_{mask.kind}",
         "task": cfg.task.name,
+        "task_loss": data.scorer.loss_name,  # verbalizer | options | response
         "mask_kind": mask.kind,
         "density": float(mask.meta.get("density", 1.0)),
         "trainable_values": mask.size,

@@ -107,6 +107,7 @@ def simulate(
     summary = {
         "method": method_name(cfg),
         "task": cfg.task.name,
+        "task_loss": fed.data.scorer.loss_name,  # verbalizer | options | response
         "mask_kind": fed.params.mask.kind,
         "density": float(fed.params.mask.meta.get("density", 1.0)),
         "trainable_values": fed.params.size,

@@ -131,6 +131,12 @@ def encode(
     left out on purpose: the last token must be the one that predicts the label word.
     """
     answer_ids = tuple(label_token_ids(tokenizer, label_words))  # first: a bad verbalizer fails fast
+    token_ids = prompt_token_ids(tokenizer, data, max_length)
+    return EncodedData(token_ids, data.labels.copy(), pad_token_id(tokenizer), answer_ids)
+
+
+def prompt_token_ids(tokenizer: Any, data: ClassificationData, max_length: int) -> list[list[int]]:
+    """Special prefix + the last text tokens of every prompt, at most `max_length` tokens each (see encode)."""
     prefix = _special_prefix(tokenizer)
     if max_length <= len(prefix):
         raise ConfigError(
@@ -143,10 +149,15 @@ def encode(
         if not ids:
             raise DataError(f"{data.source}: prompt {row} tokenises to nothing")
         token_ids.append(prefix + list(ids[-keep:]))
+    return token_ids
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id, else 0 (padding is masked out: any id will do)."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return EncodedData(token_ids, data.labels.copy(), int(pad_id), answer_ids)
+    return int(pad_id)
 
 
 def label_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[int]:

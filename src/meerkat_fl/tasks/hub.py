@@ -58,7 +58,16 @@ def read_hub(
     decode: LabelDecoder,
     label_column: str = "label",
 ) -> Examples | str:
-    """Rows of a Hugging Face dataset split, or the reason it could not be loaded (a str).
+    """Rows of a Hugging Face dataset split, or the reason it could not be loaded (a str)."""
+    loaded = load_hub_table(name, config, split)
+    if isinstance(loaded, str):
+        return loaded
+    table, source = loaded
+    return table_examples(table, source, fields, decode, label_column)
+
+
+def load_hub_table(name: str, config: str | None, split: str) -> tuple[Any, str] | str:
+    """(the dataset split, its source name "hf:name[/config]:split"), or the reason it could not be loaded.
 
     `datasets` is imported here (it is slow to import); offline or missing data falls through with the
     reason instead of raising.
@@ -72,8 +81,7 @@ def read_hub(
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, ...: all mean "not available here"
         logger.info("hub dataset %s/%s split %s unavailable: %s", name, config, split, exc)
         return f"{type(exc).__name__}: {exc}"
-    source = f"hf:{name}" + (f"/{config}" if config else "") + f":{split}"
-    return table_examples(table, source, fields, decode, label_column)
+    return table, f"hf:{name}" + (f"/{config}" if config else "") + f":{split}"
 
 
 def is_saved_dataset(path: str | Path) -> bool:

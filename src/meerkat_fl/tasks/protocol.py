@@ -3,13 +3,16 @@
 A task reads a split (`load`), tokenises it once (`encode`), scores a batch (`loss`, the only thing the
 zeroth-order core sees) and evaluates a split (`evaluate`, metrics by name). `primary_metric` names the
 metric that plots and tables show. `partition_labels` of a split are what a partitioner splits clients on:
-the class for classification, a category for generation. Classification (tasks/task.py) implements it;
-a generation task implements the same five members. Nothing above tasks/ names a task's metric.
+the class for classification, a category for generation (-1: the row has none; only iid partitions apply).
+`configure` returns the task with the `task.*` settings of a config that are the task's own (its loss,
+template, token limits): a builder passes the ones the user set, a task refuses any it does not take.
+Classification (tasks/task.py) and generation (tasks/instruct.py) implement it. Nothing above tasks/ names
+a task's metric.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -47,8 +50,17 @@ class TaskProtocol(Protocol):
     primary_metric: str  # a key of evaluate()'s result, e.g. "accuracy"
 
     @property
+    def loss_name(self) -> str:
+        """The training loss this task computes (e.g. "verbalizer", "options", "response"): run summaries record it."""
+        ...
+
+    @property
     def partition_names(self) -> tuple[str, ...]:
         """A name per partition label (index = label), for histograms."""
+        ...
+
+    def configure(self, options: Mapping[str, Any]) -> TaskProtocol:
+        """This task with `options` (task setting name -> value) applied; ConfigError names one it does not take."""
         ...
 
     def load(
@@ -86,6 +98,10 @@ class Scorer:
     @property
     def primary_metric(self) -> str:
         return self.task.primary_metric
+
+    @property
+    def loss_name(self) -> str:
+        return self.task.loss_name
 
     def loss(self, batch: Any) -> float:
         return self.task.loss(self.model, batch)

@@ -44,14 +44,19 @@ class SyntheticTask(Task):
         unused: nothing is looked up in a data folder)."""
         if path is not None or hub is not None:
             return super().load(split, path=path, hub=hub)
-        sizes = dict(self.sizes)
-        if split not in sizes:
-            raise ConfigError(f"task {self.name!r} has no split {split!r}; known splits: {list(sizes)}")
-        # Each split draws from its own stream, so the train rows do not depend on the test size.
-        rng = np.random.default_rng([self.seed, list(sizes).index(split)])
-        labels = rng.permutation(np.arange(sizes[split]) % len(SENTIMENT))
+        rng, size = split_stream(self.name, self.sizes, self.seed, split)
+        labels = rng.permutation(np.arange(size) % len(SENTIMENT))
         prompts = [self.template({"sentence": sentence(rng, int(label))}) for label in labels]
         return ClassificationData(prompts, labels, f"synthetic:{self.name}:{split}")
+
+
+def split_stream(name: str, sizes: tuple[tuple[str, int], ...], seed: int, split: str) -> tuple[np.random.Generator, int]:
+    """(generator, rows) of a generated split. Each split draws from its own stream, so the train rows do not
+    depend on the test size."""
+    known = dict(sizes)
+    if split not in known:
+        raise ConfigError(f"task {name!r} has no split {split!r}; known splits: {list(known)}")
+    return np.random.default_rng([seed, list(known).index(split)]), known[split]
 
 
 def sentence(rng: np.random.Generator, label: int) -> str:

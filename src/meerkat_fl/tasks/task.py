@@ -31,6 +31,14 @@ from meerkat_fl.tasks.base import (
 )
 from meerkat_fl.tasks.hub import is_saved_dataset, parse_hub_id, read_hub, read_saved
 from meerkat_fl.tasks.loaders import Examples, label_decoder, read_examples
+from meerkat_fl.tasks.options import (
+    OptionsBatch,
+    OptionsData,
+    encode_options,
+    options_loss,
+    options_loss_tensor,
+    options_metrics,
+)
 from meerkat_fl.tasks.sources import FileSource, HubSource, SplitSource
 
 logger = logging.getLogger(__name__)
@@ -40,6 +48,7 @@ logger = logging.getLogger(__name__)
 # the seed is fixed so every run and every client sees the same test set.
 HOLDOUT_TEST_FRACTION = 0.3
 HOLDOUT_SEED = 0
+LOSSES = ("verbalizer", "options")
 
 
 def holdout_indices(labels: np.ndarray, part: str, test_fraction: float, seed: int) -> np.ndarray:
@@ -96,8 +105,14 @@ class Task:
     sources: Mapping[str, SplitSource]  # split name ("train", "test", ...) -> where to find it
     text_fields: tuple[str, ...]  # fields the template reads; also the columns of a file given by path
     label_names: tuple[str, ...]  # human names, index = label; accepted as raw labels in files
+    # verbalizer: the label words' next-token logits (single tokens); options: MeZO's train_as_classification,
+    # each label word (any number of tokens) scored by its mean log-probability (tasks/options.py)
+    loss_kind: str = "verbalizer"
 
     def __post_init__(self) -> None:
+        if self.loss_kind not in LOSSES:
+            raise ConfigError(f"task.loss: must be one of {', '.join(LOSSES)} for task {self.name!r}, "
+                              f"got {self.loss_kind!r}")
         if len(self.label_words) < 2 or len(self.label_names) != len(self.label_words):
             raise ConfigError(
                 f"task {self.name!r}: needs >= 2 label words and one name per word, got "
@@ -131,6 +146,17 @@ class Task:
     def partition_names(self) -> tuple[str, ...]:
         """Rows are partitioned by class: the class names."""
         return self.label_names
+
+    def configure(self, options: Mapping[str, Any]) -> Task:
+        """This task with `options` applied: only "loss" (LOSSES); the generation settings are refused."""
+        unknown = sorted(set(options) - {"loss"})
+        if unknown:
+            raise ConfigError(f"task {self.name!r} does not take task.{unknown[0]} (its settings: loss)")
+        return replace(self, loss_kind=options["loss"]) if "loss" in options else self
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss_kind
 
     @property
     def splits(self) -> list[str]:
@@ -193,20 +219,30 @@ class Task:
             return replace(known, name=name, config=config)
         return HubSource(name, config, split, {field: field for field in self.text_fields})
 
-    def encode(self, tokenizer: Any, data: ClassificationData, max_length: int = 128) -> EncodedData:
-        """Token ids of every prompt (see base.encode) and of the label words (each must be one token)."""
+    def encode(self, tokenizer: Any, data: ClassificationData, max_length: int = 128) -> EncodedData | OptionsData:
+        """Token ids of every prompt and of the label words: one token each (see base.encode), or, for the
+        options loss, any number (options.encode_options)."""
+        if self.loss_kind == "options":
+            return encode_options(tokenizer, data, self.label_words, max_length)
         return encode(tokenizer, data, self.label_words, max_length)
 
-    def loss(self, model: Any, batch: Batch) -> float:
-        """Mean cross-entropy of the true label over the label-word logits at the answer position (nats)."""
+    def loss(self, model: Any, batch: Batch | OptionsBatch) -> float:
+        """Mean cross-entropy of the true label over the label-word logits at the answer position, or over the
+        options' mean log-probabilities (nats)."""
+        if isinstance(batch, OptionsBatch):
+            return options_loss(model, batch)
         return classification_loss(model, batch)
 
-    def loss_tensor(self, model: Any, batch: Batch) -> torch.Tensor:
+    def loss_tensor(self, model: Any, batch: Batch | OptionsBatch) -> torch.Tensor:
         """The same loss as a differentiable 0-d tensor (first-order training)."""
+        if isinstance(batch, OptionsBatch):
+            return options_loss_tensor(model, batch)
         return classification_loss_tensor(model, batch)
 
-    def evaluate(self, model: Any, data: EncodedData, batch_size: int = 32) -> dict[str, float]:
-        """{"accuracy", "loss"} of `model` on `data` (see base.classification_metrics)."""
+    def evaluate(self, model: Any, data: EncodedData | OptionsData, batch_size: int = 32) -> dict[str, float]:
+        """{"accuracy", "loss"} of `model` on `data` (base.classification_metrics, options.options_metrics)."""
+        if isinstance(data, OptionsData):
+            return options_metrics(model, data, batch_size)
         return classification_metrics(model, data, batch_size)
 
     def _read_file(self, spec: FileSource, file_path: Path) -> Examples:

@@ -1,0 +1,134 @@
+"""Federated instruction tuning: the embedded SmolLM2-135M-Instruct on Dolly, 10 clients split by category.
+
+Each cell is one ``simulate`` run (Dolly, Alpaca template, pathological partition: one category per client as
+FedMeZO's meta split, 10 clients over 8 categories) with ROUGE-L and the response loss on Dolly's test rows
+against zero-shot, bytes up and down per round, wall time and the peak RSS of the rounds (reset once the
+federation is built, as benchmarks/federated.py does).
+
+Two phases: ``--lr-factors`` > 1 value tunes each method's lr (its preset times each factor) on a validation
+split held out of the training rows (task.eval_split=validation), seed 0, best final ROUGE-L; then every method
+runs at its chosen lr on the test rows for each of ``--seeds``. Every cell is a run folder under ``--work``:
+a finished cell (summary.json) is read back, an interrupted one resumes from its checkpoint, so the script can be
+stopped and rerun. The JSON and a plot of ROUGE-L vs round and vs cumulative bytes go to ``--json``/``--plot``.
+
+The defaults are the smallest run that fits a shared 2-core CPU in minutes (see benchmarks/README.md); the
+paper-scale setting is e.g. ``--rounds 20 --local-steps 10 --eval-size 80 --seeds 0 1 2 --lr-factors 0.25 1 4``.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/instruct.py --json benchmarks/results/instruct.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+from meerkat_fl import config, memory
+from meerkat_fl.fed.simulate import simulate
+from meerkat_fl.methods import get_method, preset_lr
+from meerkat_fl.report import plot_runs
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("meerkat", "full_fedzo")
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    return [
+        "model.source=smollm2", "task.name=dolly", f"task.max_length={args.max_length}",
+        f"task.max_new_tokens={args.max_new_tokens}", f"task.eval_size={args.eval_size}", "task.eval_batch_size=8",
+        f"fed.num_clients={args.clients}", "fed.partition=pathological", "fed.labels_per_client=1",
+        f"fed.rounds={args.rounds}", f"fed.local_steps={args.local_steps}", f"zo.batch_size={args.batch_size}",
+        f"run.eval_every={args.rounds}", "run.checkpoint_every=1", f"task.data_dir={args.data_dir!r}",
+    ]
+
+
+def run_cell(out: Path, overrides: list[str]) -> dict:
+    """The summary of the run in ``out``: read back if finished, resumed if interrupted, else run from scratch."""
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    cfg = config.validate(config.resolve_environment(config.apply_overrides(config.Config(), overrides)))
+    marks: dict = {}
+
+    def built(_fed) -> None:
+        marks["peak_was_reset"] = memory.reset_peak()
+
+    summary = simulate(cfg, out, resume=(out / "config.toml").is_file(), progress=False, on_built=built)
+    summary["peak_rss_mb"] = memory.peak_mb() if marks.get("peak_was_reset") else memory.lifetime_peak_mb()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def method_lr(method: str, factor: float) -> float:
+    spec = get_method(method)
+    return preset_lr(spec, spec.density) * factor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--lr-factors", nargs="+", type=float, default=[1.0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--eval-size", type=int, default=16)
+    parser.add_argument("--validation-size", type=int, default=16)
+    parser.add_argument("--data-dir", default=os.environ.get("MEERKAT_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--work", default=str(REPO / "runs" / "bench-instruct"))
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "instruct.json"))
+    parser.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "instruct.png"))
+    args = parser.parse_args()
+    work, base = Path(args.work), base_overrides(args)
+
+    chosen: dict[str, dict] = {}
+    for method in args.methods:
+        tried = []
+        for factor in args.lr_factors if len(args.lr_factors) > 1 else []:
+            lr = method_lr(method, factor)
+            summary = run_cell(work / "tune" / f"{method}-lr{lr:.3g}", base + [
+                f"method={method}", f"zo.lr={lr}", "task.eval_split=validation",
+                f"task.validation_size={args.validation_size}", "run.seed=0"])
+            tried.append({"lr": lr, "validation_rouge_l": summary["final/rouge_l"], "validation_loss": summary["final/loss"]})
+        best = max(tried, key=lambda t: (t["validation_rouge_l"], -t["validation_loss"])) if tried else None
+        chosen[method] = {"lr": best["lr"] if best else method_lr(method, args.lr_factors[0]), "grid": tried}
+
+    cells, folders = [], []
+    for method in args.methods:
+        for seed in args.seeds:
+            out = work / "test" / f"{method}-seed{seed}"
+            summary = run_cell(out, base + [f"method={method}", f"zo.lr={chosen[method]['lr']}", f"run.seed={seed}"])
+            folders.append(out)
+            cells.append({"method": method, "seed": seed, "lr": chosen[method]["lr"], **{k: summary.get(k) for k in (
+                "zero_shot/rouge_l", "final/rouge_l", "zero_shot/loss", "final/loss", "bytes_up_per_round",
+                "bytes_down_per_round", "wall_seconds", "peak_rss_mb", "trainable_values")}})
+
+    table = []
+    for method in args.methods:
+        rows = [c for c in cells if c["method"] == method]
+        gain = [c["final/rouge_l"] - c["zero_shot/rouge_l"] for c in rows]
+        table.append({"method": method, "lr": chosen[method]["lr"], "seeds": len(rows),
+                      "rouge_l_gain_mean": statistics.mean(gain),
+                      "rouge_l_gain_sd": statistics.stdev(gain) if len(gain) > 1 else None,
+                      "loss_change_mean": statistics.mean(c["final/loss"] - c["zero_shot/loss"] for c in rows)})
+    print(f"{'method':<12} {'lr':>9} {'zero-shot R-L':>13} {'final R-L':>9} {'loss 0->T':>15} "
+          f"{'up B/rnd':>9} {'down B/rnd':>11} {'wall s':>7} {'peak MB':>8}")
+    for c in cells:
+        print(f"{c['method']:<12} {c['lr']:>9.3g} {c['zero_shot/rouge_l']:>13.4f} {c['final/rouge_l']:>9.4f} "
+              f"{c['zero_shot/loss']:>7.4f}->{c['final/loss']:<7.4f} {c['bytes_up_per_round']:>9.0f} "
+              f"{c['bytes_down_per_round']:>11.0f} {c['wall_seconds']:>7.0f} {c['peak_rss_mb'] or 0:>8.0f}")
+    result = {"setting": vars(args) | {"overrides": base}, "chosen_lr": chosen, "cells": cells, "table": table,
+              "date": datetime.date.today().isoformat(), "platform": platform.platform()}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    plot_runs(folders, args.plot, title="Dolly, 10 clients by category: ROUGE-L")
+    print(f"wrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
