@@ -22,23 +22,30 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture()
 def paper(tmp_path, monkeypatch):
-    """benchmarks/paper.py with its cache, run folders and locks under tmp_path, on the tiny model."""
+    """benchmarks/paper.py with its cache, run folders and locks under tmp_path, on the tiny model.
+
+    The script and its modules (paper_grid, paper_cells, paper_report) are loaded afresh for each test; settings
+    and paths are patched on ``paper.grid``, where every module reads them, and runners on ``paper.cells``.
+    """
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # where the script finds its modules
+    for name in ("paper_grid", "paper_cells", "paper_report"):  # fresh module state (WORKER_PASS) per test
+        monkeypatch.delitem(sys.modules, name, raising=False)
     spec = importlib.util.spec_from_file_location("paper_harness", REPO / "benchmarks" / "paper.py")
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it loads
     spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "REPO", tmp_path)
-    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
-    monkeypatch.setattr(module, "CELLS", tmp_path / "results" / "paper" / "cells")
-    monkeypatch.setattr(module, "RUNS", tmp_path / "runs")
-    monkeypatch.setattr(module, "LOCKS", tmp_path / "runs" / "locks")
-    monkeypatch.setattr(module, "BASE", [
+    grid = module.grid
+    monkeypatch.setattr(grid, "REPO", tmp_path)
+    monkeypatch.setattr(grid, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(grid, "CELLS", tmp_path / "results" / "paper" / "cells")
+    monkeypatch.setattr(grid, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(grid, "LOCKS", tmp_path / "runs" / "locks")
+    monkeypatch.setattr(grid, "BASE", [
         "model.source='tiny'", "task.train_size=200", "task.eval_size=32", "task.max_length=32",
         "task.validation_size=32", "zo.batch_size=4", "fed.num_clients=4", "fed.sample_count=2", "fed.rounds=2",
         "fed.local_steps=2", "fed.partition='dirichlet'", "fed.alpha=0.5", "run.eval_every=1",
         "run.checkpoint_every=1", "mask.calibration_sequences=4", "mask.calibration_seq_len=32",
     ])
-    monkeypatch.setattr(module, "CLAIMS", {"1": (["meerkat", "random"], ["base"], "tiny claim")})
+    monkeypatch.setattr(grid, "CLAIMS", {"1": (["meerkat", "random"], ["base"], "tiny claim")})
     return module
 
 
@@ -46,7 +53,7 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     monkeypatch.setenv("MEERKAT_DATA_DIR", data_dir)  # real SST-2 cells, sensitive masks from WikiText
     data = paper.collect(["sst2"], ["1"], [0, 1, 2], run=True)
     assert data["pending"] == []
-    cells = sorted(p.stem for p in paper.CELLS.glob("*.json"))
+    cells = sorted(p.stem for p in paper.grid.CELLS.glob("*.json"))
     # each method's lr grid on validation (seed 0), then 3 test seeds x 2 methods at the chosen lr
     grid_points = len(paper.lr_grid("meerkat")) + len(paper.lr_grid("random"))
     assert grid_points == 3 + 9  # the random mask's grid has six more points above
@@ -56,7 +63,7 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     assert len(dense_check) == 1  # Full-FedZO above its grid, a check on validation
     assert sum(c.startswith("validation-") for c in cells) == grid_points + 2 + 1
     for cell, eps in zip(sorted(eps_cells), ("0.01", "0.0001")):  # the run folder's resolved config
-        assert f"eps = {eps}" in (paper.RUNS / cell / "config.toml").read_text()
+        assert f"eps = {eps}" in (paper.grid.RUNS / cell / "config.toml").read_text()
     check = data["eps_check"]["sst2"]
     assert check["lr"] == data["lrs"]["sst2"]["meerkat"]
     assert all(0 <= check[e] <= 1 for e in ("1e-4", "1e-3", "1e-2", "full_fedzo_above_grid"))
@@ -73,17 +80,17 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     def no_more_runs(*args, **kwargs):
         raise AssertionError("a cached cell was run again")
 
-    monkeypatch.setattr(paper, "simulate", no_more_runs)
+    monkeypatch.setattr(paper.cells, "simulate", no_more_runs)
     again = paper.collect(["sst2"], ["1"], [0, 1, 2], run=True)
     assert again["results"] == data["results"] and again["lrs"] == data["lrs"]
 
     monkeypatch.setattr(sys, "argv", ["paper.py", "--report-only", "--tasks", "sst2", "--claims", "1"])
     paper.main()
-    payload = json.loads((paper.RESULTS / "paper.json").read_text())
+    payload = json.loads((paper.grid.RESULTS / "paper.json").read_text())
     assert payload["cells_cached"] == grid_points + 3 + 6 and payload["results"] == json.loads(json.dumps(data["results"]))
-    tables = (paper.RESULTS / "paper" / "tables.md").read_text()
+    tables = (paper.grid.RESULTS / "paper" / "tables.md").read_text()
     assert "meerkat vs random:" in tables and "chosen" in tables and "Checks beyond the grids" in tables
-    assert (paper.RESULTS / "paper" / "accuracy.png").stat().st_size > 0
+    assert (paper.grid.RESULTS / "paper" / "accuracy.png").stat().st_size > 0
 
 
 def test_verdict_needs_three_seeds_and_two_standard_errors(paper):
@@ -112,11 +119,11 @@ def test_bytes_to_beat_reads_the_seed_mean_curve(paper):
 
 
 def test_a_task_runs_only_its_own_claims(paper, monkeypatch):
-    monkeypatch.setattr(paper, "CLAIMS", {
+    monkeypatch.setattr(paper.grid, "CLAIMS", {
         "1": (["meerkat"], ["base"], "one"), "2": (["random"], ["base"], "two")})
-    monkeypatch.setattr(paper, "TASK_CLAIMS", {"rte": ("1",)})
+    monkeypatch.setattr(paper.grid, "TASK_CLAIMS", {"rte": ("1",)})
     seen = []
-    monkeypatch.setattr(paper, "fetch", lambda cell, run, pending: seen.append(cell) or _fake_result(cell))
+    monkeypatch.setattr(paper.cells, "fetch", lambda cell, run, pending: seen.append(cell) or _fake_result(cell))
     data = paper.collect(["sst2", "rte"], ["1", "2"], [0, 1, 2], run=False)
     checks = {("sst2", "full_fedzo"), ("rte", "full_fedzo")}  # claim 1's dense check, on validation
     assert {(c.task, c.method) for c in seen} == {("sst2", "meerkat"), ("sst2", "random"), ("rte", "meerkat")} | checks
@@ -133,7 +140,7 @@ def _fake_result(cell) -> dict:
 
 
 def test_a_worker_runs_one_cell_per_pass_so_earlier_tasks_go_first(paper, monkeypatch):
-    monkeypatch.setattr(paper, "CLAIMS", {"1": (["meerkat"], ["base"], "one")})
+    monkeypatch.setattr(paper.grid, "CLAIMS", {"1": (["meerkat"], ["base"], "one")})
     ran = []
 
     def fake_run(cell, path):
@@ -142,18 +149,18 @@ def test_a_worker_runs_one_cell_per_pass_so_earlier_tasks_go_first(paper, monkey
         path.write_text(json.dumps(_fake_result(cell)))
         return _fake_result(cell)
 
-    monkeypatch.setattr(paper, "_run", fake_run)
+    monkeypatch.setattr(paper.cells, "_run", fake_run)
     held = paper.Cell("sst2", "meerkat", "base", paper.lr_grid("meerkat")[-1], 0, "validation")
-    (paper.LOCKS).mkdir(parents=True)
+    paper.grid.LOCKS.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (paper.LOCKS / f"{held.key}.lock").write_text(str(other.pid))  # another worker tunes sst2
+        (paper.grid.LOCKS / f"{held.key}.lock").write_text(str(other.pid))  # another worker tunes sst2
         monkeypatch.setitem(paper.WORKER_PASS, "one_cell", True)
         for _ in range(3):  # sst2's two free grid points, then agnews's first: one cell a pass
             monkeypatch.setitem(paper.WORKER_PASS, "ran", False)
             paper.collect(["sst2", "ag_news"], ["1"], [0, 1, 2], run=True)
         assert [k.split("-lr")[0] for k in ran] == ["validation-sst2-meerkat-base"] * 2 + ["validation-ag_news-meerkat-base"]
-        (paper.LOCKS / f"{held.key}.lock").unlink()  # the other worker is gone: sst2 comes first again
+        (paper.grid.LOCKS / f"{held.key}.lock").unlink()  # the other worker is gone: sst2 comes first again
         monkeypatch.setitem(paper.WORKER_PASS, "ran", False)
         paper.collect(["sst2", "ag_news"], ["1"], [0, 1, 2], run=True)
         assert ran[-1] == held.key
@@ -164,7 +171,7 @@ def test_a_worker_runs_one_cell_per_pass_so_earlier_tasks_go_first(paper, monkey
 
 def test_tuning_ties_go_to_the_smallest_lr(paper, monkeypatch):
     grid = paper.lr_grid("random")
-    monkeypatch.setattr(paper, "fetch", lambda cell, run, pending: {"summary": {"final_eval_accuracy": 0.5}})
+    monkeypatch.setattr(paper.cells, "fetch", lambda cell, run, pending: {"summary": {"final_eval_accuracy": 0.5}})
     assert paper.tuned_lr("sst2", "random", False, []) == min(grid)
 
 
@@ -200,16 +207,16 @@ def test_a_dense_cell_waits_for_the_dense_slot_and_releases_its_own_lock(paper, 
     cell = paper.Cell("sst2", "full_fedzo", "base", 1e-7, 0, "test")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        paper.LOCKS.mkdir(parents=True)
-        (paper.LOCKS / "dense.lock").write_text(str(other.pid))
+        paper.grid.LOCKS.mkdir(parents=True)
+        (paper.grid.LOCKS / "dense.lock").write_text(str(other.pid))
         with pytest.raises(paper.Busy):
             paper.run_cell(cell)
-        assert not (paper.LOCKS / f"{cell.key}.lock").exists()  # another worker may take it later
+        assert not (paper.grid.LOCKS / f"{cell.key}.lock").exists()  # another worker may take it later
     finally:
         other.kill()
         other.wait()
 
     ran = []
-    monkeypatch.setattr(paper, "_run", lambda c, path: ran.append(c) or {"cell": c.key})
+    monkeypatch.setattr(paper.cells, "_run", lambda c, path: ran.append(c) or {"cell": c.key})
     assert paper.run_cell(cell) == {"cell": cell.key} and ran == [cell]
-    assert list(paper.LOCKS.iterdir()) == []  # both the cell's lock and the dense slot are released
+    assert list(paper.grid.LOCKS.iterdir()) == []  # both the cell's lock and the dense slot are released

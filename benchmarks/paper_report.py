@@ -1,0 +1,245 @@
+"""The paper grid's report: verdicts on the claims, the markdown tables and the plots.
+
+Everything here reads what ``paper_cells.collect`` returns (per-(task, method, setting) seed lists, the tuned
+lrs, the tuning grid and the checks) and runs nothing. A claim holds when the mean difference exceeds twice its
+standard error, given both unpaired (Welch) and paired by seed; ``report`` writes one table and its verdicts per
+claim, then the tuning grid and the checks beyond it; ``plot`` draws accuracy against rounds and bytes, and
+``plot_gradip`` Meerkat's per-client GradIP trajectories (read from the cell cache, or the run folder).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import paper_grid as grid  # settings and paths read as grid.X, so a test patching paper_grid is seen here
+from paper_grid import Cell
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _rule(diff: float, se: float) -> str:
+    if diff > 2 * se:
+        return f"holds ({diff:+.3f} ± {se:.3f})"
+    if diff < -2 * se:
+        return f"does not hold ({diff:+.3f} ± {se:.3f})"
+    return f"inconclusive ({diff:+.3f} ± {se:.3f})"
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """holds when mean(a) - mean(b) exceeds twice its standard error (Welch, unpaired), does not hold when it
+    is below minus twice, inconclusive otherwise (and with fewer than 3 seeds each)."""
+    if len(a) < 3 or len(b) < 3:
+        return "inconclusive (fewer than 3 seeds)"
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    return _rule(diff, math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b)))
+
+
+def paired_verdict(a: dict[int, float], b: dict[int, float]) -> str:
+    """The same rule on the per-seed differences a[seed] - b[seed] (mean ± its standard error).
+
+    Pairing is by design, not by chance: a seed fixes the training subsample, the partition, the sampled
+    clients and the test subsample for every method, so the seed-to-seed spread of the test subsample (zero-shot
+    moves 0.625-0.665 on AG News) cancels. Identical differences on every seed have a zero standard error.
+    """
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 3:
+        return "inconclusive (fewer than 3 shared seeds)"
+    diffs = [a[s] - b[s] for s in seeds]
+    return _rule(statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)))
+
+
+def bytes_to_beat(curves: list[list[list[float]]], target: float) -> tuple[int, float] | None:
+    """(round, cumulative bytes up + down) of the first evaluation whose accuracy, both as means over seeds,
+    is above ``target``; None when the curve never gets there (or the seeds' evaluation rounds differ)."""
+    if not curves or any([p[0] for p in c] != [p[0] for p in curves[0]] for c in curves):
+        return None
+    for i, point in enumerate(curves[0]):
+        if statistics.fmean(c[i][2] for c in curves) > target + 1e-9:
+            return int(point[0]), statistics.fmean(c[i][1] for c in curves)
+    return None
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = mean_std(values)
+    return f"{mean:.3f} ± {std:.3f} (n={len(values)})"
+
+
+def report(data: dict[str, Any], tasks, claims) -> str:
+    res = data["results"]
+
+    def acc(task: str, method: str, setting: str = "base") -> list[float]:
+        return res.get(f"{task}/{method}/{setting}", {}).get("accuracy", [])
+
+    def by_seed(task: str, method: str, setting: str = "base") -> dict[int, float]:
+        r = res.get(f"{task}/{method}/{setting}", {})
+        return dict(zip(r.get("seeds", []), r.get("accuracy", [])))
+
+    def compare(task: str, a: str, b: str) -> str:
+        paired = paired_verdict(by_seed(task, a), by_seed(task, b))
+        return f"{verdict(acc(task, a), acc(task, b))}; paired by seed: {paired}"
+
+    lines = []
+    for claim in claims:
+        methods, settings, statement = grid.CLAIMS[claim]
+        lines += [f"### Claim {claim}: {statement}", ""]
+        head = ["task"] + [f"{m} {s}" if len(settings) > 1 else m for m in methods for s in settings]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        claim_tasks = [t for t in tasks if claim in grid.TASK_CLAIMS.get(t, claims)]
+        for task in claim_tasks:
+            zs = next((r["zero_shot"] for r in res.values() if r["task"] == task), [])
+            row = [f"{task} (zero-shot {statistics.fmean(zs):.3f})" if zs else task]
+            row += [fmt(acc(task, m, s)) for m in methods for s in settings]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        for task in claim_tasks:
+            if claim in ("1", "4"):
+                others = methods[1:] if claim == "1" else ["random"]
+                for other in others:
+                    lines.append(f"- {task}: meerkat vs {other}: {compare(task, 'meerkat', other)}")
+                if claim == "4":
+                    same = compare(task, "meerkat", "meerkat_taskmask")
+                    lines.append(f"- {task}: wikitext mask minus task mask: {same} (claim: no difference)")
+            elif claim == "2":
+                for skew in ("dirichlet", "pathological"):
+                    gaps = {
+                        t: {s: iid[s] - d for s, d in by_seed(task, "meerkat", f"T{t}-{skew}").items() if s in iid}
+                        for t in (1, 10) for iid in [by_seed(task, "meerkat", f"T{t}-iid")]
+                    }
+                    lines.append(f"- {task}: IID minus {skew} gap, T=1: {fmt(list(gaps[1].values()))}; "
+                                 f"T=10: {fmt(list(gaps[10].values()))}; T=10 gap minus T=1 gap: "
+                                 f"{verdict(list(gaps[10].values()), list(gaps[1].values()))}; "
+                                 f"paired by seed: {paired_verdict(gaps[10], gaps[1])}")
+            elif claim == "3":
+                means = {m: statistics.fmean(acc(task, m)) for m in methods if acc(task, m)}
+                if means:
+                    best = max(means, key=means.get)
+                    lines.append(f"- {task}: best density: {best}")
+                    for other in (m for m in methods if m != best and m in means):
+                        lines.append(f"- {task}: {best} vs {other}: {compare(task, best, other)}")
+            elif claim == "5":
+                for m in methods:
+                    r = res.get(f"{task}/{m}/base")
+                    if r:
+                        lines.append(f"- {task}: {m}: {r['bytes_per_round']:,.0f} bytes/round, accuracy {fmt(r['accuracy'])}")
+                meerkat, dense = res.get(f"{task}/meerkat/base"), res.get(f"{task}/full_fedzo/base")
+                if meerkat and dense:
+                    lines.append(f"- {task}: bytes per round, full_fedzo / meerkat: "
+                                 f"{dense['bytes_per_round'] / meerkat['bytes_per_round']:,.0f}x")
+                    target = statistics.fmean(dense["accuracy"])
+                    spent = statistics.fmean(c[-1][1] for c in dense["curves"])
+                    beat = bytes_to_beat(meerkat["curves"], target)
+                    lines.append(
+                        f"- {task}: Full-FedZO ends at {target:.3f} (zero-shot {statistics.fmean(dense['zero_shot']):.3f})"
+                        f" after {spent:,.0f} bytes; " + (
+                            f"meerkat is above that at round {beat[0]}, after {beat[1]:,.0f} bytes "
+                            f"({spent / beat[1]:,.0f}x fewer)" if beat else "meerkat never gets above it"))
+            elif claim == "6":
+                lines.append(f"- {task}: fedmezo vs full_fedzo: {compare(task, 'fedmezo', 'full_fedzo')}")
+        lines.append("")
+    lines += ["### Tuning grid (validation accuracy, seed 0)", ""]
+    for task, methods in data["tuning_grid"].items():
+        for method, points in methods.items():
+            cells = ", ".join(f"lr {lr}: {'-' if v is None else f'{v:.3f}'}" for lr, v in points.items())
+            lines.append(f"- {task} / {method}: {cells}; chosen {data['lrs'].get(task, {}).get(method)}")
+    if data.get("eps_check"):
+        lines += ["", "### Checks beyond the grids (validation accuracy, seed 0)", "",
+                  "Epsilon: Meerkat at its tuned lr. Dense: Full-FedZO one x4 step above its lr grid.", ""]
+        for task, row in data["eps_check"].items():
+            cells = ", ".join(f"eps {e}: {'-' if row.get(e) is None else f'{row[e]:.3f}'}"
+                              for e in ("1e-4", "1e-3", "1e-2"))
+            lines.append(f"- {task} (lr {row['lr']}): {cells}")
+            above = row.get("full_fedzo_above_grid")
+            lines.append(f"- {task}: Full-FedZO at lr {grid.DENSE_CHECK_LR:g}, above its grid: "
+                         f"{'-' if above is None else f'{above:.3f}'} (grid: {data['tuning_grid'][task].get('full_fedzo')})")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data: dict[str, Any], tasks, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = [r for r in data["results"].values() if r["setting"] == "base"]
+    if not res:
+        return None
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        for r in (r for r in res if r["task"] == task):
+            rounds = [[p[0] for p in c] for c in r["curves"]]
+            if not rounds or any(x != rounds[0] for x in rounds):
+                continue
+            accs = [statistics.fmean(c[i][2] for c in r["curves"]) for i in range(len(rounds[0]))]
+            nbytes = [statistics.fmean(c[i][1] for c in r["curves"]) for i in range(len(rounds[0]))]
+            zero = statistics.fmean(r["zero_shot"])
+            row[0].plot([0, *rounds[0]], [zero, *accs], marker="o", label=r["method"])
+            row[1].plot([1, *nbytes], [zero, *accs], marker="o", label=r["method"])
+        row[0].set(xlabel="round", ylabel=f"{task} test accuracy (mean over seeds)")
+        row[1].set(xlabel="cumulative bytes (up + down)", xscale="log")
+        for ax in row:
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:  # a task with no cells yet has nothing to label
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def gradip_records(cell: Cell) -> list[dict[str, Any]] | None:
+    """The cell's GradIP records: from its cache, else from its run folder (then added to the cache)."""
+    path = grid.CELLS / f"{cell.key}.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if "gradip" not in result:
+        log = grid.RUNS / cell.key / "gradip.jsonl"
+        if not log.exists():
+            return None
+        result["gradip"] = [json.loads(line) for line in log.read_text().splitlines() if line]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)
+    return result["gradip"]
+
+
+def plot_gradip(data: dict[str, Any], tasks, out: Path) -> Path | None:
+    """|GradIP| per client vs its local step, Meerkat's base cells (every seed), one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from meerkat_fl.vp import trajectories_from_records
+
+    panels = []
+    for task in tasks:
+        lr = data["lrs"].get(task, {}).get("meerkat")
+        runs = [gradip_records(Cell(task, "meerkat", "base", lr, seed, "test")) for seed in grid.SEEDS] if lr else []
+        if any(runs):
+            panels.append((task, [r for r in runs if r]))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (task, runs) in zip(axes[0], panels):
+        for seed, records in enumerate(runs):
+            for trajectory in trajectories_from_records(records).values():
+                magnitude = np.abs(trajectory)
+                ax.plot(np.arange(1, len(magnitude) + 1), np.where(magnitude > 0, magnitude, np.nan),
+                        color=f"C{seed}", alpha=0.5, lw=0.9)
+        ax.set(title=f"{task}: Meerkat, Dirichlet 0.5 (colour = seed, line = client)", xlabel="local step of the client",
+               ylabel="|GradIP|", yscale="log")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
