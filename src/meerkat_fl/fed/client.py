@@ -109,7 +109,7 @@ class Client:
                                batch_loss=batch_loss, pointer=self.pointer, batch_size=plan.batch_size)
         return ClientUpdate(
             round=plan.round, client_id=self.client_id, scalars=np.zeros(0, dtype=np.float32),
-            losses=np.asarray([s.loss for s in steps], dtype=np.float32),
+            losses=np.asarray([s.loss for s in steps if not s.skipped], dtype=np.float32),  # finite only
             num_examples=self.num_examples,
             metrics={"skipped_steps": float(sum(s.skipped for s in steps))},
             values=(values - start).cpu().numpy(),
