@@ -3,7 +3,8 @@
 ``collect`` walks the grid of ``paper_grid`` (tuning on validation first, then the claims' test seeds at the
 tuned lr, then the checks beyond the grids) and returns the per-(task, method, setting) seed lists that the
 report reads. A cell runs once through ``simulate`` and is cached as JSON under the cells folder; ``fetch``
-reads that cache or runs the cell, ``tuned_lr`` picks a method's lr from its validation cells. Workers
+reads that cache or runs the cell, ``tuned_lr`` picks a method's lr from its validation cells (scored and chosen
+by ``meerkat_fl.tune``, the library's tuner). Workers
 (``work``, started by ``spawn``) share the grid through lock files holding their pid: a live worker's cell is
 skipped, a dead worker's taken over, and at most one dense cell runs at a time.
 """
@@ -25,9 +26,10 @@ from typing import Any
 import paper_grid as grid  # settings and paths read as grid.X, so a test patching paper_grid is seen here
 from paper_grid import Cell, lr_grid
 
-from meerkat_fl import config
+from meerkat_fl import config, tune
 from meerkat_fl.fed.simulate import simulate
-from meerkat_fl.rundir import EVAL, FINAL, ZERO_SHOT, primary_metric, read_metric
+from meerkat_fl.rundir import EVAL, ZERO_SHOT, primary_metric, read_metric
+from meerkat_fl.tune import run_score as score  # cells written before metrics had names read by their task
 
 ENTRY = Path(__file__).with_name("paper.py")  # the script a worker process runs (with --worker)
 HEAVY = ("full_fedzo", "fedmezo")  # dense cells: one at a time (several GB each)
@@ -116,11 +118,6 @@ def _run(cell: Cell, path: Path) -> dict[str, Any]:
     return result
 
 
-def score(summary: dict[str, Any], task: str, when: str = FINAL) -> float | None:
-    """A run's primary metric (final or zero-shot); cached cells written before metrics had names work too."""
-    return read_metric(summary, when, primary_metric(summary, task))
-
-
 def cached(cell: Cell) -> dict[str, Any] | None:
     path = grid.CELLS / f"{cell.key}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -147,16 +144,15 @@ def fetch(cell: Cell, run: bool, pending: list[str]) -> dict[str, Any] | None:
 
 
 def tuned_lr(task: str, method: str, run: bool, pending: list[str]) -> float | None:
-    """The lr with the best validation accuracy (ties: the smaller lr); None while the grid is unfinished."""
+    """The lr with the best validation accuracy (ties: grid.LR_TIES, the smaller lr), chosen by the library's
+    tuner; None while the grid is unfinished."""
     source = grid.METHODS[method][2] or method
-    scores = {}
-    for lr in lr_grid(source):
-        result = fetch(Cell(task, source, "base", lr, 0, "validation"), run, pending)
-        if result is not None:
-            scores[lr] = score(result["summary"], task)
-    if len(scores) < len(lr_grid(source)):
+    lrs = lr_grid(source)
+    results = [fetch(Cell(task, source, "base", lr, 0, "validation"), run, pending) for lr in lrs]
+    if any(result is None for result in results):
         return None
-    return max(sorted(scores), key=lambda lr: scores[lr])
+    scores = [score(result["summary"], task) for result in results]
+    return lrs[tune.best_index([{"zo.lr": lr} for lr in lrs], scores, ties=grid.LR_TIES)]
 
 
 def collect(tasks, claims, seeds, run: bool) -> dict[str, Any]:

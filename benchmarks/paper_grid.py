@@ -2,7 +2,8 @@
 
 Everything here is data plus the two pure readings of it that the rest of the harness needs: a ``Cell`` (one
 task, method, setting, lr, seed and split) with its cache key and its ``simulate`` overrides, and a method's lr
-grid. The paths (cache, run folders, locks) live here too, the one place the cell runner and the report read
+grid (built by ``meerkat_fl.tune``, the library's tuner, as is the choice of the tuned lr in ``paper_cells``). The
+paths (cache, run folders, locks) live here too, the one place the cell runner and the report read
 them from, so a test that moves them under a temporary folder patches this module only. No cell runs here
 (``paper_cells``) and nothing is reported (``paper_report``); ``paper.py`` is the entry point.
 """
@@ -12,6 +13,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+
+from meerkat_fl.methods import scale_lr
+from meerkat_fl.tune import VALIDATION, scale_grid
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -40,7 +44,12 @@ TASK_OVERRIDES: dict[str, list[str]] = {"rte": ["task.max_length=64"]}
 # would add ~6 hours of cells on 2 cores, and claims 2, 3 and 6 are answered on SST-2 and AG News.
 TASK_CLAIMS: dict[str, tuple[str, ...]] = {"rte": ("1", "4", "5")}
 SEEDS = (0, 1, 2)
-LR_CENTRE, LR_FACTORS = 5e-4, (0.25, 1.0, 4.0)
+# Every grid is centred on 5e-4 at density 1e-3, moved to the method's density (``scale_lr``). The grid's own
+# centre, not the registry's presets: those are this grid's results, and a preset moved later must not rename
+# (invalidate) the cached cells.
+LR_CENTRE, LR_CENTRE_DENSITY, LR_FACTORS = 5e-4, 1e-3, (0.25, 1.0, 4.0)
+LR_DIGITS = 3  # grid values keep the 3 significant digits a cell's name keeps (Cell.key: lr{:.3g})
+LR_TIES = "smallest"  # equal validation scores: the smallest lr (``meerkat_fl.tune.best_index``'s rule)
 # The magnitude and random masks' 3-point grids were flat (SST-2) or best at their top point by a validation
 # example or two (AG News), so their grids go on upwards (x16 ... x1024, x16384 for random) until every task's
 # best point is inside or the top points diverge: a baseline gets every chance to move. Added after the first
@@ -118,8 +127,8 @@ class Cell:
             extra.append(f"mask.calibration={str(task_text(self.task))!r}")
         if self.method == "fedmezo":  # lr_i = lr + lr_scale * Phi_i in [lr/2, 3lr/2] [choice]
             extra.append(f"fedmezo.lr_scale={self.lr / 2!r}")
-        split = ["task.eval_split='validation'", "run.zero_shot=false", "run.eval_every=0"] \
-            if self.split == "validation" else []
+        split = [*(f"{key}={value!r}" for key, value in VALIDATION.items()), "run.zero_shot=false",
+                 "run.eval_every=0"] if self.split == "validation" else []
         return [*BASE, *TASK_OVERRIDES.get(self.task, []), f"task.name={self.task!r}", *extra,
                 *SETTINGS[self.setting], f"zo.lr={self.lr!r}", f"run.seed={self.seed}", *split]
 
@@ -137,6 +146,8 @@ def task_text(task: str) -> Path:
 
 
 def lr_grid(method: str) -> list[float]:
-    centre = LR_CENTRE * 1e-3 / METHODS[method][1]
-    return [float(f"{centre * f:.3g}") for f in METHOD_LR_FACTORS.get(method, LR_FACTORS)]
+    """The method's lr grid: its centre (``LR_CENTRE`` moved to its density) times its factors, by the tuner's
+    ``scale_grid``."""
+    centre = scale_lr(LR_CENTRE, LR_CENTRE_DENSITY, METHODS[method][1])
+    return scale_grid({"zo.lr": centre}, METHOD_LR_FACTORS.get(method, LR_FACTORS), significant=LR_DIGITS)["zo.lr"]
 

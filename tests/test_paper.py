@@ -175,6 +175,41 @@ def test_tuning_ties_go_to_the_smallest_lr(paper, monkeypatch):
     assert paper.tuned_lr("sst2", "random", False, []) == min(grid)
 
 
+def test_the_paper_grid_is_built_scored_and_chosen_by_the_library_tuner(paper, monkeypatch):
+    from meerkat_fl import tune
+
+    # the grid: tune.scale_grid around the grid's centre at the method's density
+    centre = {"zo.lr": paper.grid.LR_CENTRE * paper.grid.LR_CENTRE_DENSITY / 1e-4}
+    assert paper.lr_grid("meerkat_d1e-4") == tune.scale_grid(centre, (1 / 16, 0.25, 1.0, 4.0), significant=3)["zo.lr"]
+    # scored on the split tune scores on
+    overrides = paper.Cell("sst2", "meerkat", "base", 5e-4, 0, "validation").overrides()
+    assert all(f"{key}={value!r}" in overrides for key, value in tune.VALIDATION.items())
+    # chosen by tune.best_index under the paper's tie rule
+    grid, calls = paper.lr_grid("meerkat"), []
+    accuracy = dict(zip(grid, (0.6, 0.7, 0.7)))
+    monkeypatch.setattr(paper.cells, "fetch", lambda cell, run, pending: {"summary": {
+        "final_eval_accuracy": accuracy[cell.lr]}})
+    real = tune.best_index
+    monkeypatch.setattr(tune, "best_index", lambda *args, **kwargs: calls.append((args, kwargs)) or real(*args, **kwargs))
+    assert paper.tuned_lr("sst2", "meerkat", False, []) == grid[1]
+    assert calls == [(([{"zo.lr": lr} for lr in grid], [0.6, 0.7, 0.7]), {"ties": "smallest"})]
+
+
+def test_every_cached_tuning_choice_is_rebuilt_unchanged(paper, monkeypatch):
+    # the committed cache (benchmarks/results/paper/cells) and paper.json: every grid point's cell is found by
+    # name, and the tuner picks the lr each committed table was built with
+    monkeypatch.setattr(paper.grid, "CELLS", REPO / "benchmarks" / "results" / "paper" / "cells")
+    committed = json.loads((REPO / "benchmarks" / "results" / "paper.json").read_text())
+    assert committed["lr_grid"] == {m: paper.lr_grid(m) for m in paper.grid.METHODS}
+    checked = 0
+    for task, lrs in committed["lrs"].items():
+        for method, lr in lrs.items():
+            pending: list[str] = []
+            assert paper.tuned_lr(task, method, False, pending) == lr and pending == [], (task, method)
+            checked += 1
+    assert checked >= 16
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -11,7 +11,17 @@ from meerkat_fl import config
 from meerkat_fl.cli import main
 from meerkat_fl.errors import ConfigError
 from meerkat_fl.fed.simulate import simulate
-from meerkat_fl.tune import default_grid, grid_points, parse_grid, point_config, point_name, tune
+from meerkat_fl.tune import (
+    best_index,
+    default_grid,
+    grid_points,
+    parse_grid,
+    point_config,
+    point_name,
+    run_score,
+    scale_grid,
+    tune,
+)
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.toml"
 # The tiny config on the demo's shipped data (no data folder needed), one short round.
@@ -22,6 +32,32 @@ SMALL = ["task.name=dbpedia", "task.train_size=120", "task.eval_size=32", "task.
 def test_default_grid_is_centred_on_the_configs_lr():
     cfg = config.load(None, ["zo.lr=4e-4"])
     assert default_grid(cfg) == {"zo.lr": [1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]}
+
+
+def test_scale_grid_rounds_to_the_digits_asked_for():
+    # 5e-4 moved to density 1e-4 is 0.004999999999999999 in floats; 3 digits give the paper grid's cell names
+    assert scale_grid({"zo.lr": 5e-4 * 1e-3 / 1e-4}, (1.0,))["zo.lr"] != [0.005]
+    assert scale_grid({"zo.lr": 5e-4 * 1e-3 / 1e-4}, (0.25, 1.0, 4.0), significant=3) == {"zo.lr": [0.00125, 0.005, 0.02]}
+    assert scale_grid({"zo.lr": 5e-4}, (1 / 16, 4096.0), significant=3) == {"zo.lr": [3.13e-05, 2.05]}
+
+
+def test_best_index_breaks_ties_by_grid_order_or_by_the_smallest_point():
+    points = [{"zo.lr": 4e-4}, {"zo.lr": 1e-4}, {"zo.lr": 2e-4}, {"zo.lr": 8e-4}]
+    scores = [0.60, 0.70, 0.70, None]  # the last point has no score yet: never the best
+    assert best_index(points, scores) == 1
+    assert best_index(points, [0.7, 0.6, 0.7, 0.7], ties="first") == 0
+    assert best_index(points, [0.7, 0.6, 0.7, 0.7], ties="smallest") == 2  # 2e-4 < 4e-4 < 8e-4
+    assert best_index(points, [None, None, 0.1, None]) == 2
+    with pytest.raises(ConfigError, match="ties"):
+        best_index(points, scores, ties="largest")
+    with pytest.raises(ConfigError, match="3 scores"):
+        best_index(points, scores[:3])
+
+
+def test_run_score_reads_named_and_old_summaries():
+    assert run_score({"final/accuracy": 0.7, "primary_metric": "accuracy"}) == 0.7
+    assert run_score({"final_eval_accuracy": 0.6, "zero_shot_accuracy": 0.5}, "sst2", "zero_shot") == 0.5
+    assert run_score({}) is None
 
 
 def test_grid_option_parses_values_and_crosses_keys():

@@ -86,11 +86,17 @@ def method_names() -> tuple[str, ...]:
     return tuple(METHODS)
 
 
+def scale_lr(lr: float, reference_density: float, density: float) -> float:
+    """An lr tuned at ``reference_density`` moved to ``density``: lr * reference_density / density (the paper
+    grid's centre rule too)."""
+    return lr * reference_density / density
+
+
 def preset_lr(method: Method, density: float) -> float:
-    """The method's lr preset moved to ``density``: lr * method.density / density (dense methods: unchanged)."""
+    """The method's lr preset moved to ``density`` (``scale_lr``; dense methods: unchanged)."""
     if method.density >= 1.0 or density <= 0:
         return method.lr
-    return method.lr * method.density / density
+    return scale_lr(method.lr, method.density, density)
 
 
 def infer(flat: Mapping[str, Any]) -> str:

@@ -6,6 +6,11 @@ skipped and a killed point continues from its checkpoint.
     sweep/grid.json          {"zo.lr": [...], ...}: the values of every swept key
     sweep/points/<name>/     one run folder per point (`name` is its overrides, e.g. "zo.lr=0.0005")
     sweep/tune.json, tune.md the scores; best.toml: base.toml with the best point's overrides
+
+The pieces are public so the paper grid (benchmarks/paper_grid.py, paper_cells.py), which caches its points as
+cells shared between worker processes instead of sweep folders, tunes with the same code: ``scale_grid`` builds
+the grid around a centre, ``VALIDATION`` is where a point is scored, ``run_score`` reads a run's score and
+``best_index`` chooses the best point under a tie rule.
 """
 
 from __future__ import annotations
@@ -28,8 +33,12 @@ log = logging.getLogger(__name__)
 # [choice] x{1/4, 1/2, 1, 2, 4} around the centre: the paper grid (BENCHMARKS.md) found a method's stable lr
 # within a factor of a few of its preset, and that lr shrinks with density, so the centre is what moves.
 DEFAULT_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
-# A point's score: its run's primary metric (e.g. accuracy) at the end, on task.eval_split=validation, which
-# tune forces.
+# A point's score: its run's primary metric (e.g. accuracy) at the end, on the validation split held out of the
+# training data, which every point is forced onto.
+VALIDATION: dict[str, Any] = {"task.eval_split": "validation"}
+# How ties between equal best scores are broken: "first" in grid order (`meerkat tune`), or the "smallest" point
+# (its values compared in key order: the smallest lr; the paper grid's rule, the same on an ascending grid).
+TIES = ("first", "smallest")
 Runner = Callable[..., dict[str, Any]]  # simulate / finetune: (cfg, out, *, resume, progress) -> summary
 
 
@@ -47,11 +56,20 @@ def default_center(cfg: Config) -> dict[str, float]:
     return {key: preset_lr(method, density)}
 
 
+def scale_grid(
+    center: Mapping[str, float], factors: Sequence[float] = DEFAULT_FACTORS, significant: int | None = None
+) -> dict[str, list[float]]:
+    """Each centre value times each factor, e.g. {"zo.lr": [lr/4, lr/2, lr, 2 lr, 4 lr]}; with ``significant``,
+    each value rounded to that many significant digits (the paper grid's 3, the digits its cell names keep)."""
+    rounded = (lambda value: value) if significant is None else (lambda value: float(f"{value:.{significant}g}"))
+    return {key: [rounded(value * factor) for factor in factors] for key, value in center.items()}
+
+
 def default_grid(
     cfg: Config, factors: Sequence[float] = DEFAULT_FACTORS, center: Callable[[Config], Mapping[str, float]] = default_center
 ) -> dict[str, list[float]]:
-    """Each centre value times each factor, e.g. {"zo.lr": [lr/4, lr/2, lr, 2 lr, 4 lr]}."""
-    return {key: [value * factor for factor in factors] for key, value in center(cfg).items()}
+    """The config's centre (``default_center``) times each factor."""
+    return scale_grid(center(cfg), factors)
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -82,7 +100,28 @@ def point_name(point: Mapping[str, Any]) -> str:
 
 def point_config(base: Config, point: Mapping[str, Any]) -> Config:
     """`base` with the point's overrides, evaluated on the validation split held out of the training data."""
-    return config.validate(config.apply_overrides(base, {**point, "task.eval_split": "validation"}))
+    return config.validate(config.apply_overrides(base, {**point, **VALIDATION}))
+
+
+def run_score(summary: dict[str, Any], task: str | None = None, when: str = FINAL) -> float | None:
+    """A run's primary metric at the end (``FINAL``) or before training (``ZERO_SHOT``); None for no summary.
+    ``task`` names the metric of old summaries that do not record theirs."""
+    return read_metric(summary, when, primary_metric(summary, task)) if summary else None
+
+
+def best_index(points: Sequence[Mapping[str, Any]], scores: Sequence[float | None], ties: str = "first") -> int:
+    """The index of the best-scoring point; a point without a score (None) ranks below every scored one.
+
+    ``ties`` (one of ``TIES``): "first" keeps the first of equal scores in grid order, "smallest" the point whose
+    values, compared in key order, are smallest (the smallest lr).
+    """
+    if ties not in TIES:
+        raise ConfigError(f"tune: ties must be one of {', '.join(TIES)}, not {ties!r}")
+    if not points or len(points) != len(scores):
+        raise ConfigError(f"tune: {len(points)} points and {len(scores)} scores: nothing to choose from")
+    ranked = [float("-inf") if value is None else float(value) for value in scores]
+    tied = [i for i, value in enumerate(ranked) if value == max(ranked)]
+    return tied[0] if ties == "first" else min(tied, key=lambda i: tuple(points[i].values()))
 
 
 @dataclass
@@ -98,12 +137,17 @@ class PointResult:
 
     def value(self, when: str = FINAL) -> float | None:
         """The primary metric at the end (``FINAL``) or before training (``ZERO_SHOT``)."""
-        return read_metric(self.summary, when, self.metric) if self.summary else None
+        return run_score(self.summary, when=when)
 
     @property
     def score(self) -> float:
         value = self.value()
         return float("-inf") if value is None else float(value)
+
+
+def best_result(results: Sequence[PointResult], ties: str = "first") -> PointResult:
+    """The best of the points (``best_index`` on their final validation scores)."""
+    return results[best_index([r.point for r in results], [r.value() for r in results], ties)]
 
 
 def run_point(runner: Runner, cfg: Config, folder: Path, progress: bool) -> tuple[str, dict[str, Any]]:
@@ -145,7 +189,7 @@ def tune(
         log.info("tune: point %d of %d, %s", number, len(points), point_name(point))
         status, summary = run_point(runner, cfg, folder, progress)
         results.append(PointResult(point, folder, status, summary))
-    best = max(results, key=lambda result: result.score)  # ties: the first in grid order
+    best = best_result(results)  # ties: the first in grid order
     (out / "best.toml").write_text(config.to_toml(config.validate(config.apply_overrides(base, best.point))))
     RunDir(out).write_json("tune.json", {
         "grid": grid, "score": f"final {best.metric} on task.eval_split=validation", "metric": best.metric,
@@ -161,7 +205,7 @@ def tune(
 def table(results: Sequence[PointResult]) -> str:
     """A Markdown table of the points: overrides, the validation primary metric (zero-shot, final), status; best
     marked."""
-    best = max(results, key=lambda result: result.score)
+    best = best_result(results)
     keys = list(results[0].point)
     fmt = lambda value: "-" if value is None else f"{value:.4f}"
     lines = ["| " + " | ".join([*keys, "val. zero-shot", f"val. {best.metric}", "status", ""]) + " |",
