@@ -40,11 +40,23 @@ import paper_cells as cells
 import paper_grid as grid
 from paper_cells import WORKER_PASS, Busy, _lock, collect, run_cell, spawn, tuned_lr, work
 from paper_grid import DENSE_CHECK_LR, Cell, lr_grid
-from paper_report import bytes_to_beat, paired_verdict, plot, plot_gradip, report, verdict
+from paper_report import (
+    USEFUL_DIFFERENCE,
+    bytes_to_beat,
+    detectable,
+    paired_difference,
+    paired_verdict,
+    plot,
+    plot_gradip,
+    report,
+    verdict,
+    welch_difference,
+)
 
 # what tests/test_paper.py reads from this script (it patches settings, paths and runners on the modules)
-__all__ = ["DENSE_CHECK_LR", "WORKER_PASS", "Busy", "Cell", "_lock", "bytes_to_beat", "cells", "collect", "grid",
-           "lr_grid", "main", "paired_verdict", "report", "run_cell", "tuned_lr", "verdict"]
+__all__ = ["DENSE_CHECK_LR", "USEFUL_DIFFERENCE", "WORKER_PASS", "Busy", "Cell", "_lock", "bytes_to_beat", "cells",
+           "collect", "detectable", "grid", "lr_grid", "main", "paired_difference", "paired_verdict", "report",
+           "run_cell", "tuned_lr", "verdict", "welch_difference"]
 
 
 def main() -> None:

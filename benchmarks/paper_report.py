@@ -2,7 +2,9 @@
 
 Everything here reads what ``paper_cells.collect`` returns (per-(task, method, setting) seed lists, the tuned
 lrs, the tuning grid and the checks) and runs nothing. A claim holds when the mean difference exceeds twice its
-standard error, given both unpaired (Welch) and paired by seed; ``report`` writes one table and its verdicts per
+standard error, given both unpaired (Welch) and paired by seed; every verdict states its detectable difference
+(twice that standard error, the smallest the design could call), and an inconclusive one whose ±2 SE interval
+lies within ±``USEFUL_DIFFERENCE`` says there is no effect larger than that; ``report`` writes one table and its verdicts per
 claim, then the tuning grid and the checks beyond it; ``plot`` draws accuracy against rounds and bytes, and
 ``plot_gradip`` Meerkat's per-client GradIP trajectories (read from the cell cache, or the run folder).
 """
@@ -18,26 +20,59 @@ from typing import Any
 import paper_grid as grid  # settings and paths read as grid.X, so a test patching paper_grid is seen here
 from paper_grid import Cell
 
+# [choice] The smallest accuracy difference worth deciding: 0.03, 6 of the 200 test examples. A smaller one is
+# below a single method's seed-to-seed spread here (std 0.01-0.08 in the tables), so it would not change which
+# method, mask or sync frequency one picks at this scale.
+USEFUL_DIFFERENCE = 0.03
+
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def welch_difference(a: list[float], b: list[float]) -> tuple[float, float] | None:
+    """mean(a) - mean(b) and its standard error, unpaired (Welch); None with fewer than 3 seeds on a side."""
+    if len(a) < 3 or len(b) < 3:
+        return None
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return statistics.fmean(a) - statistics.fmean(b), se
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float] | None:
+    """The mean of the per-seed differences a[seed] - b[seed] and its standard error; None with fewer than 3
+    shared seeds."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 3:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    return statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def detectable(se: float) -> float:
+    """The smallest difference the design could have called (holds or does not hold): twice its standard error."""
+    return 2 * se
+
+
 def _rule(diff: float, se: float) -> str:
-    if diff > 2 * se:
-        return f"holds ({diff:+.3f} ± {se:.3f})"
-    if diff < -2 * se:
-        return f"does not hold ({diff:+.3f} ± {se:.3f})"
-    return f"inconclusive ({diff:+.3f} ± {se:.3f})"
+    size = f"{diff:+.3f} ± {se:.3f}, detectable {detectable(se):.3f}"
+    if diff > detectable(se):
+        return f"holds ({size})"
+    if diff < -detectable(se):
+        return f"does not hold ({size})"
+    # [choice] "no effect larger than" needs the whole ±2 SE interval inside ±USEFUL_DIFFERENCE, not only a
+    # detectable size below it: a difference of +0.025 with a detectable 0.028 does not rule out 0.05.
+    if abs(diff) + detectable(se) < USEFUL_DIFFERENCE:
+        return f"no effect larger than {USEFUL_DIFFERENCE:g} ({size})"
+    return f"inconclusive ({size})"
 
 
 def verdict(a: list[float], b: list[float]) -> str:
     """holds when mean(a) - mean(b) exceeds twice its standard error (Welch, unpaired), does not hold when it
-    is below minus twice, inconclusive otherwise (and with fewer than 3 seeds each)."""
-    if len(a) < 3 or len(b) < 3:
-        return "inconclusive (fewer than 3 seeds)"
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    return _rule(diff, math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b)))
+    is below minus twice; otherwise no effect larger than USEFUL_DIFFERENCE when the difference's ±2 SE interval
+    lies inside ±USEFUL_DIFFERENCE, else inconclusive (and with fewer than 3 seeds each). Each verdict gives the
+    difference, its standard error and the detectable difference."""
+    found = welch_difference(a, b)
+    return "inconclusive (fewer than 3 seeds)" if found is None else _rule(*found)
 
 
 def paired_verdict(a: dict[int, float], b: dict[int, float]) -> str:
@@ -47,11 +82,8 @@ def paired_verdict(a: dict[int, float], b: dict[int, float]) -> str:
     clients and the test subsample for every method, so the seed-to-seed spread of the test subsample (zero-shot
     moves 0.625-0.665 on AG News) cancels. Identical differences on every seed have a zero standard error.
     """
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) < 3:
-        return "inconclusive (fewer than 3 shared seeds)"
-    diffs = [a[s] - b[s] for s in seeds]
-    return _rule(statistics.fmean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs)))
+    found = paired_difference(a, b)
+    return "inconclusive (fewer than 3 shared seeds)" if found is None else _rule(*found)
 
 
 def bytes_to_beat(curves: list[list[list[float]]], target: float) -> tuple[int, float] | None:
@@ -86,7 +118,10 @@ def report(data: dict[str, Any], tasks, claims) -> str:
         paired = paired_verdict(by_seed(task, a), by_seed(task, b))
         return f"{verdict(acc(task, a), acc(task, b))}; paired by seed: {paired}"
 
-    lines = []
+    legend = (f"Verdicts give the difference ± its standard error (Welch, then paired by seed) and the detectable "
+              f"difference, 2 SE: the smallest the design could call. Inconclusive becomes \"no effect larger than "
+              f"{USEFUL_DIFFERENCE:g}\" when the ±2 SE interval lies within ±{USEFUL_DIFFERENCE:g}.")
+    lines = [legend, ""]
     for claim in claims:
         methods, settings, statement = grid.CLAIMS[claim]
         lines += [f"### Claim {claim}: {statement}", ""]

@@ -106,8 +106,34 @@ def test_paired_verdict_cancels_the_shared_seed_spread(paper):
     assert paper.verdict(list(a.values()), list(b.values())).startswith("inconclusive (+0.023")
     assert paper.paired_verdict(a, b).startswith("holds (+0.023")
     assert paper.paired_verdict(b, a).startswith("does not hold (-0.023")
-    assert paper.paired_verdict({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.5, 1: 0.6, 2: 0.7}) == "inconclusive (+0.000 ± 0.000)"
+    assert paper.paired_verdict({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.5, 1: 0.6, 2: 0.7}) == \
+        "no effect larger than 0.03 (+0.000 ± 0.000, detectable 0.000)"
     assert paper.paired_verdict(a, {0: 0.6, 1: 0.6, 5: 0.6}) == "inconclusive (fewer than 3 shared seeds)"
+
+
+def test_the_detectable_difference_is_twice_the_standard_error_each_verdict_uses(paper):
+    # Welch: both sides have variance 0.01 over 3 seeds, so SE = sqrt(0.01/3 + 0.01/3) = 0.08165, detectable 0.1633
+    diff, se = paper.welch_difference([0.5, 0.6, 0.7], [0.55, 0.45, 0.65])
+    assert diff == pytest.approx(0.05) and paper.detectable(se) == pytest.approx(0.16330, abs=1e-5)
+    assert paper.verdict([0.5, 0.6, 0.7], [0.55, 0.45, 0.65]) == "inconclusive (+0.050 ± 0.082, detectable 0.163)"
+    # paired: differences 0.020, 0.025, 0.025; mean 0.02333, sd 0.0028868, SE 0.0016667, detectable 0.0033333
+    a, b = {0: 0.70, 1: 0.71, 2: 0.745}, {0: 0.68, 1: 0.685, 2: 0.72}
+    diff, se = paper.paired_difference(a, b)
+    assert diff == pytest.approx(0.0233333, abs=1e-6) and paper.detectable(se) == pytest.approx(0.0033333, abs=1e-6)
+    assert paper.paired_verdict(a, b) == "holds (+0.023 ± 0.002, detectable 0.003)"
+    assert paper.welch_difference([0.5, 0.6], [0.5, 0.6, 0.7]) is None
+    assert paper.paired_difference(a, {0: 0.6, 1: 0.6, 5: 0.6}) is None
+
+
+def test_an_inconclusive_difference_is_no_effect_only_when_its_interval_is_inside_the_useful_size(paper):
+    assert paper.USEFUL_DIFFERENCE == 0.03
+    zero = {0: 0.0, 1: 0.0, 2: 0.0}
+    # differences 0.00, 0.01, 0.02: +0.010, SE 0.00577, detectable 0.0115; 0.010 + 0.0115 = 0.0215 < 0.03
+    assert paper.paired_verdict({0: 0.0, 1: 0.01, 2: 0.02}, zero) == \
+        "no effect larger than 0.03 (+0.010 ± 0.006, detectable 0.012)"
+    # differences 0.000, 0.015, 0.030: detectable 0.0173 < 0.03 too, but 0.015 + 0.0173 = 0.032 leaves room for more
+    assert paper.paired_verdict({0: 0.0, 1: 0.015, 2: 0.03}, zero) == "inconclusive (+0.015 ± 0.009, detectable 0.017)"
+    assert paper.paired_verdict(zero, {0: 0.0, 1: 0.01, 2: 0.02}).startswith("no effect larger than 0.03 (-0.010")
 
 
 def test_bytes_to_beat_reads_the_seed_mean_curve(paper):
