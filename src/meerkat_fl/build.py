@@ -29,6 +29,7 @@ from meerkat_fl.masks import Mask, build_mask, calibration_batches, load_mask, s
 from meerkat_fl.models import LoadedModel, default_cache_dir, load_model
 from meerkat_fl.noise import noise_source
 from meerkat_fl.partition import Partition, make_partition
+from meerkat_fl.progress import Progress
 from meerkat_fl.tasks import EncodedSplit, Scorer, Split, TaskProtocol, get_task
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
 
@@ -127,8 +128,9 @@ def obtain_trainable(cfg: Config, loaded: LoadedModel) -> Mask:
                     targets=lora.targets, seed=cfg.run.seed)
 
 
-def make_mask(mask_cfg: MaskConfig, loaded: LoadedModel) -> Mask:
-    """Build the mask a MaskConfig describes (sensitive masks read the calibration text)."""
+def make_mask(mask_cfg: MaskConfig, loaded: LoadedModel, progress: Progress = False) -> Mask:
+    """Build the mask a MaskConfig describes (sensitive masks read the calibration text; ``progress``: a bar
+    over its batches)."""
     scope = mask_cfg.scope or ("all" if mask_cfg.kind == "dense" else "linear")
     calibration = []
     meta = {}
@@ -159,6 +161,7 @@ def make_mask(mask_cfg: MaskConfig, loaded: LoadedModel) -> Mask:
         score=mask_cfg.score,
         seed=mask_cfg.seed,
         meta=meta,
+        progress=progress,
     )
 
 

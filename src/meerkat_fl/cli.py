@@ -12,6 +12,8 @@ from pathlib import Path
 
 from meerkat_fl.errors import MeerkatError
 
+QUIET = "no progress bar (without it: a bar on stderr when stderr is a terminal)"
+
 
 def _config(args: argparse.Namespace, extra: Sequence[str] = ()):
     from meerkat_fl import config
@@ -19,6 +21,11 @@ def _config(args: argparse.Namespace, extra: Sequence[str] = ()):
     method = [f"method={args.method!r}"] if getattr(args, "method", None) else []
     cfg = config.load(getattr(args, "config", None), [*extra, *method, *(args.set or [])])
     return config.validate(config.resolve_environment(cfg))
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    """--quiet: no bar; else a bar when stderr is a terminal (meerkat_fl.progress)."""
+    return False if args.quiet else None
 
 
 def _default_out(kind: str, cfg) -> Path:
@@ -45,7 +52,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
 
     cfg = validate(resolve_environment(cfg))
     loaded = load_model(args.model, device=args.device, dtype="float32")
-    mask = make_mask(cfg.mask, loaded)
+    mask = make_mask(cfg.mask, loaded, progress=_progress(args))
     save_mask(mask, args.out)
     print(f"wrote {args.out}: {mask.kind} mask, {mask.size:,} of {mask.scope_numel:,} weights "
           f"({mask.size / mask.scope_numel:.2e}) in {len(mask.names)} tensors, model {mask.fingerprint}")
@@ -58,7 +65,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.resume:
         cfg = load(Path(args.resume) / "config.toml")
-        summary = finetune(cfg, args.resume, resume=True, progress=not args.quiet)
+        summary = finetune(cfg, args.resume, resume=True, progress=_progress(args))
     else:
         shortcuts = [f"{k}={v}" for k, v in (
             ("model.source", args.model), ("task.name", args.task), ("mask.path", args.mask),
@@ -66,7 +73,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         ) if v is not None]
         cfg = _config(args, shortcuts)
         out = Path(args.out) if args.out else _default_out("finetune", cfg)
-        summary = finetune(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
+        summary = finetune(cfg, out, progress=_progress(args), overwrite=args.overwrite)
         print(f"run folder: {out}")
     print(json.dumps(summary, indent=2))
     return 0
@@ -83,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.patch:
         apply_patch(loaded.model, load_patch(args.patch), loaded.fingerprint)
     data = build_task_data(cfg.task, loaded, cfg.run.seed)
-    metrics = data.scorer.evaluate(data.test, batch_size=cfg.task.eval_batch_size)
+    metrics = data.scorer.evaluate(data.test, batch_size=cfg.task.eval_batch_size, progress=_progress(args))
     print(json.dumps({"task": cfg.task.name, "patch": args.patch, "examples": len(data.test), **metrics}, indent=2))
     return 0
 
@@ -106,14 +113,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume:
         cfg = load(Path(args.resume) / "config.toml")
-        summary = simulate(cfg, args.resume, resume=True, progress=not args.quiet)
+        summary = simulate(cfg, args.resume, resume=True, progress=_progress(args))
         out = Path(args.resume)
     else:
         if args.config is None and not args.method:
             raise SystemExit("meerkat run: give a CONFIG.toml, --method NAME, or --resume DIR")
         cfg = _config(args)
         out = Path(args.out) if args.out else _default_out("run", cfg)
-        summary = simulate(cfg, out, progress=not args.quiet, overwrite=args.overwrite)
+        summary = simulate(cfg, out, progress=_progress(args), overwrite=args.overwrite)
     print(f"run folder: {out}")
     print(json.dumps(summary, indent=2))
     return 0
@@ -141,7 +148,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     runner = None
     if args.finetune:
         from meerkat_fl.finetune import finetune as runner
-    results = tune(base, out, grid, runner=runner, progress=not args.quiet)
+    results = tune(base, out, grid, runner=runner, progress=_progress(args))
     print(table(results))
     print(f"sweep folder: {out}\nbest config: {out / 'best.toml'}")
     return 0
@@ -151,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from meerkat_fl.demo import run_demo
 
     out = Path(args.out) if args.out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = run_demo(out, args.set or [], progress=not args.quiet)
+    result = run_demo(out, args.set or [], progress=_progress(args))
     print(result["table"])
     print(f"plot: {result['plot']}")
     return 0
@@ -219,7 +226,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else default.with_name(f"flower-{default.name}")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="meerkat-flower-"))
     print(f"Flower work folder (state, logs): {workdir}", file=sys.stderr)
-    more = {"resume": bool(args.resume), "stop_after": args.stop_after}
+    more = {"resume": bool(args.resume), "stop_after": args.stop_after, "progress": _progress(args)}
     if args.flower_command == "sim":
         summary = launch.run_simulation(cfg, out, workdir, round_timeout=args.round_timeout, **more)
     else:
@@ -272,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=cmd_mask)
 
     p = sub.add_parser("finetune", help="centralised MeZO-style fine-tuning (sparse or dense)")
@@ -281,13 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int), p.add_argument("--lr", type=float)
     p.add_argument("--out"), p.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="a model's metrics (optionally with a patch) on a task's test split")
     _add_config_args(p)
     p.add_argument("--model"), p.add_argument("--task"), p.add_argument("--patch")
     p.add_argument("--eval-size", type=int)
+    p.add_argument("--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="save the base model with a patch merged in (LoRA: merge_and_unload)")
@@ -301,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<method>-<task>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted run to the same result")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("methods", help="list the registered methods with a one-line description")
@@ -314,12 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="sweep folder (default runs/tune-<task>-<time>); an existing one is continued")
     p.add_argument("--resume", metavar="DIR", help="continue a sweep folder with its own config and grid")
     p.add_argument("--finetune", action="store_true", help="sweep centralised fine-tuning instead of federated runs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", help="the main job: Meerkat vs Full-FedZO on the embedded model")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo setting")
-    p.add_argument("--out"), p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out"), p.add_argument("--quiet", action="store_true", help=QUIET)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("plot", help="the task's primary metric vs round and vs cumulative bytes for several runs, one PNG")
@@ -352,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--round-timeout", type=float, default=300.0, help="seconds before a silent node is dropped")
         q.add_argument("--resume", metavar="DIR", help="continue a Flower run folder from its last checkpoint")
         q.add_argument("--stop-after", type=int, metavar="N", help="end after N rounds (continue with --resume)")
+        q.add_argument("--quiet", action="store_true", help=QUIET)
         q.set_defaults(func=cmd_flower)
         if name == "deploy":
             q.add_argument("--nodes", type=int, help="SuperNodes (default: one per client)")

@@ -190,6 +190,7 @@ class RunConfig:
     eval_every: int = 5  # rounds; 0 = only at the end
     checkpoint_every: int = 5  # rounds
     zero_shot: bool = True  # evaluate before training
+    tensorboard: bool = False  # mirror metrics.jsonl into <run folder>/tensorboard/ (the `tensorboard` extra)
 
 
 @dataclass

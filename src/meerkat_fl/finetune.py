@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from meerkat_fl import run as shell
 from meerkat_fl.build import build_model, build_task_data, obtain_trainable
@@ -17,13 +16,14 @@ from meerkat_fl.fed import checkpoint
 from meerkat_fl.local import DataPointer, local_train, step_seeds
 from meerkat_fl.noise import check_noise, noise_source
 from meerkat_fl.patch import save_patch
+from meerkat_fl.progress import Progress, bar, postfix
 from meerkat_fl.rundir import EVAL, prefixed
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
 
 log = logging.getLogger(__name__)
 
 
-def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
+def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: Progress = True,
              overwrite: bool = False) -> dict[str, Any]:
     """Train on one machine for ``cfg.train.steps`` ZO steps; write metrics, a patch and a summary.
 
@@ -45,7 +45,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
         return data.scorer.loss(data.train.batch(indices, device))
 
     def evaluate() -> dict[str, float]:
-        return data.scorer.evaluate(data.test, batch_size=cfg.task.eval_batch_size)
+        return data.scorer.evaluate(data.test, batch_size=cfg.task.eval_batch_size, progress=progress)
 
     start, skipped, resumed = 0, 0, None
     if resume and run.has_checkpoint():
@@ -65,8 +65,8 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
     steps = cfg.train.steps
     seeds = step_seeds(cfg.run.seed, 0, 0, steps)
     every = cfg.train.eval_every or steps
-    last = zero_shot
-    bar = tqdm(total=steps, initial=start, desc="finetune", disable=not progress, unit="step")
+    last = shell.final_metrics(run.read_metrics(), zero_shot)  # a resumed run's bar starts from its last eval
+    steps_bar = bar(steps, "finetune", "step", progress, initial=start)
     for step in range(start, steps):
         (result,) = local_train(
             params, values, seeds[step : step + 1], lr=cfg.zo.lr, eps=cfg.zo.eps,
@@ -83,9 +83,9 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: bo
             run.save_checkpoint(*checkpoint.pack({"values": values}, {"step": step + 1, "pointer": pointer.state(),
                                                                       "skipped": skipped, "noise": noise.name}, {},
                                                      flatten(cfg), {}))
-        bar.update(1)
-        bar.set_postfix(loss=f"{result.loss:.4f}", **{k: f"{v:.3f}" for k, v in prefixed(EVAL, last).items()})
-    bar.close()
+        steps_bar.update(1)
+        steps_bar.set_postfix(postfix(result.loss, last))
+    steps_bar.close()
     if skipped:
         log.warning("%d of %d steps were skipped because the loss was not finite", skipped, steps)
 

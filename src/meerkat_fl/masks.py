@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from meerkat_fl.errors import ConfigError, DataError, MaskMismatch
+from meerkat_fl.progress import Progress, bar
 
 MASK_FORMAT = "meerkat-mask/1"
 KINDS = ("sensitive", "random", "magnitude", "dense")  # what build_mask builds
@@ -118,12 +119,12 @@ def _random_scores(tensors: Sequence[torch.Tensor], seed: int) -> list[torch.Ten
 
 
 def pretraining_gradients(
-    model: torch.nn.Module, names: Sequence[str], token_batches: Sequence[torch.Tensor]
+    model: torch.nn.Module, names: Sequence[str], token_batches: Sequence[torch.Tensor], progress: Progress = False
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Causal-LM gradients on general text at the current weights, for the named tensors.
 
     Returns (mean of per-batch squared gradients, mean gradient), both float32 on the CPU. Uses
-    backprop once, at mask-building time only; training never does.
+    backprop once, at mask-building time only; training never does. ``progress``: a bar over the batches.
     """
     params = dict(model.named_parameters())
     chosen = [params[n] for n in names]
@@ -135,6 +136,7 @@ def pretraining_gradients(
     squared = [torch.zeros(p.shape, dtype=torch.float32) for p in chosen]
     mean = [torch.zeros(p.shape, dtype=torch.float32) for p in chosen]
     device = chosen[0].device
+    batches = bar(len(token_batches), "calibration", "batch", progress)
     try:
         for batch in token_batches:
             batch = batch.to(device)
@@ -144,7 +146,9 @@ def pretraining_gradients(
                 g = g.detach().float().cpu()
                 sq.add_(g * g)
                 mu.add_(g)
+            batches.update(1)
     finally:
+        batches.close()
         for n, p in params.items():
             p.requires_grad_(flags[n])
     count = max(1, len(token_batches))
@@ -163,6 +167,7 @@ def build_mask(
     score: str = "fisher",
     seed: int = 0,
     meta: dict[str, str] | None = None,
+    progress: Progress = False,
 ) -> Mask:
     """Build a mask of ``kind`` with ``density`` of the weights in ``scope``.
 
@@ -186,7 +191,7 @@ def build_mask(
     elif kind == "sensitive":
         if not calibration:
             raise DataError("a sensitive mask needs calibration text (mask.calibration)")
-        squared, mean = pretraining_gradients(model, names, calibration)
+        squared, mean = pretraining_gradients(model, names, calibration, progress)
         scores = squared if score == "fisher" else [m * m for m in mean]
         indices = list(_top_k(scores, density, selection))
         pretrain_grad = tuple(m.reshape(-1)[i] for m, i in zip(mean, indices))

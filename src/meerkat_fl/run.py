@@ -21,11 +21,12 @@ from meerkat_fl import rundir
 from meerkat_fl.config import Config
 from meerkat_fl.errors import ConfigError
 from meerkat_fl.rundir import CHECKPOINT, RunDir
+from meerkat_fl.tensorboard_log import require as require_tensorboard
 
 ZERO_SHOT = "zero_shot.json"
 # What a run leaves in its folder: refused as the target of a new run unless overwritten.
 RUN_FILES = ("config.toml", "metrics.jsonl", CHECKPOINT, "summary.json", ZERO_SHOT, "patch.safetensors",
-             "gradip.jsonl", "partition.json", "partition.txt", "environment.json")
+             "gradip.jsonl", "partition.json", "partition.txt", "environment.json", "tensorboard")
 
 
 def open_run(out: str | Path, cfg: Config, *, resume: bool, overwrite: bool = False) -> RunDir:
@@ -33,10 +34,12 @@ def open_run(out: str | Path, cfg: Config, *, resume: bool, overwrite: bool = Fa
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"run folder {path} is a file, not a folder")
+    if cfg.run.tensorboard:
+        require_tensorboard()  # before a model or a mask is built
     if resume:
         if not (path / "config.toml").is_file():
             raise ConfigError(f"--resume {path}: not a run folder (no config.toml)")
-        return RunDir(path)
+        return RunDir(path, tensorboard=cfg.run.tensorboard)
     found = [name for name in RUN_FILES if (path / name).exists()]
     if found and not overwrite:
         raise ConfigError(f"{path} already holds a run ({', '.join(found[:3])}): resume it with --resume {path}, "
@@ -59,6 +62,8 @@ def begin(run: RunDir, *, resumed_round: int | None, evaluate: Callable[[], dict
     """
     for name in logs:
         run.truncate_metrics(-1 if resumed_round is None else resumed_round, key=step_key, name=name)
+    if run.tensorboard:  # a view of metrics.jsonl as just truncated: no step past the checkpoint survives
+        run.start_tensorboard()
     if resumed_round is not None:  # never re-evaluate: the model now holds trained values
         if not (run.path / ZERO_SHOT).exists():
             return None

@@ -19,9 +19,12 @@ from safetensors.torch import load_file, save_file
 from meerkat_fl.config import Config, to_toml
 from meerkat_fl.environment import environment
 from meerkat_fl.errors import ConfigError, DataError
+from meerkat_fl.tensorboard_log import FOLDER as TENSORBOARD
+from meerkat_fl.tensorboard_log import TensorBoardLog
 
 CHECKPOINT = "checkpoint.safetensors"
 ENVIRONMENT = "environment.json"
+METRICS = "metrics.jsonl"
 
 # Metrics are logged by the names the task's evaluate() gives them, under a prefix saying when they were
 # taken: "eval/<name>" in metrics.jsonl, "zero_shot/<name>" and "final/<name>" in summary.json, whose
@@ -81,14 +84,17 @@ def json_safe(value: Any) -> Any:
 
 
 class RunDir:
-    """One run's folder."""
+    """One run's folder. ``tensorboard``: metrics.jsonl is mirrored into ``tensorboard/`` once
+    ``start_tensorboard`` is called (the run shell does, after aligning metrics.jsonl with the checkpoint)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, tensorboard: bool = False):
         self.path = Path(path)
+        self.tensorboard = tensorboard
+        self._board: TensorBoardLog | None = None
 
     @classmethod
     def create(cls, path: str | Path, cfg: Config) -> RunDir:
-        run = cls(path)
+        run = cls(path, tensorboard=cfg.run.tensorboard)
         run.path.mkdir(parents=True, exist_ok=True)
         _atomic_write(run.path / "config.toml", to_toml(cfg).encode())
         run.record_environment(cfg.model.device, cfg.model.dtype)
@@ -104,6 +110,18 @@ class RunDir:
         """summary.json: `summary` plus the environment of the process finishing the run (a resumed run may
         finish elsewhere than it started, so environment.json is rewritten too)."""
         self.write_json("summary.json", {**summary, "environment": self.record_environment(device, dtype)})
+        self.close()
+
+    def start_tensorboard(self) -> None:
+        """Rebuild ``tensorboard/`` from metrics.jsonl as it stands; later lines are added as they are written."""
+        self.close()
+        self._board = TensorBoardLog(self.path / TENSORBOARD, self.read_metrics())
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer, if any (the end of a run, or its stopping early)."""
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     @property
     def config_path(self) -> Path:
@@ -113,10 +131,12 @@ class RunDir:
     def patch_path(self) -> Path:
         return self.path / "patch.safetensors"
 
-    def append_metrics(self, record: dict[str, Any], name: str = "metrics.jsonl") -> None:
+    def append_metrics(self, record: dict[str, Any], name: str = METRICS) -> None:
         with open(self.path / name, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(json_safe(record)) + "\n")
             handle.flush()
+        if self._board is not None and name == METRICS:
+            self._board.write(json_safe(record))
 
     def read_metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
         path = self.path / name

@@ -26,6 +26,7 @@ from typing import Any
 from meerkat_fl import config
 from meerkat_fl.config import Config
 from meerkat_fl.errors import ConfigError
+from meerkat_fl.progress import Progress, bar
 from meerkat_fl.rundir import FINAL, ZERO_SHOT, RunDir, primary_metric, read_metric
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def best_result(results: Sequence[PointResult], ties: str = "first") -> PointRes
     return results[best_index([r.point for r in results], [r.value() for r in results], ties)]
 
 
-def run_point(runner: Runner, cfg: Config, folder: Path, progress: bool) -> tuple[str, dict[str, Any]]:
+def run_point(runner: Runner, cfg: Config, folder: Path, progress: Progress) -> tuple[str, dict[str, Any]]:
     """Run one point into `folder`: skip it when finished, resume it from its checkpoint, else start it afresh."""
     run = RunDir(folder)
     if folder.exists():
@@ -166,9 +167,11 @@ def run_point(runner: Runner, cfg: Config, folder: Path, progress: bool) -> tupl
 
 def tune(
     base: Config, out: str | Path, grid: Mapping[str, Sequence[Any]] | None = None, *, runner: Runner | None = None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> list[PointResult]:
     """Run every grid point (default: default_grid(base)) into `out`; write tune.json, tune.md and best.toml.
+
+    A bar over the points shows the one running and the best validation score so far (each run shows its own).
 
     Returns the points in grid order. The same `out` again skips finished points and resumes a killed one.
     """
@@ -184,11 +187,17 @@ def tune(
     RunDir(out).write_json("grid.json", grid)
     (out / "base.toml").write_text(config.to_toml(base), encoding="utf-8")
     results = []
+    points_bar = bar(len(points), "tune", "point", progress)
     for number, (point, cfg) in enumerate(zip(points, configs, strict=True), start=1):
         folder = out / "points" / point_name(point)
         log.info("tune: point %d of %d, %s", number, len(points), point_name(point))
+        points_bar.set_postfix(point=point_name(point))
         status, summary = run_point(runner, cfg, folder, progress)
         results.append(PointResult(point, folder, status, summary))
+        leader = best_result(results)
+        points_bar.update(1)
+        points_bar.set_postfix(best=point_name(leader.point), score=f"{leader.score:.4f}")
+    points_bar.close()
     best = best_result(results)  # ties: the first in grid order
     (out / "best.toml").write_text(config.to_toml(config.validate(config.apply_overrides(base, best.point))))
     RunDir(out).write_json("tune.json", {

@@ -20,7 +20,7 @@ from meerkat_fl.fed.state import RECORD_BLOBS, RECORD_INTS, ClientState
 FORMAT = 2  # 1: before the ClientState codec (per-round tensors, no checksum)
 EXTENDABLE = ("fed.rounds", "train.steps")  # keys a resume may raise on purpose, to extend a run
 # keys added since format 2, with the value a checkpoint written before them was written under
-ADDED_KEYS = {"zo.noise": "gaussian", "zo.noise_generator": "torch_cpu"}
+ADDED_KEYS = {"zo.noise": "gaussian", "zo.noise_generator": "torch_cpu", "run.tensorboard": False}
 
 
 def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:

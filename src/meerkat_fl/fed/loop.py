@@ -10,10 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from meerkat_fl.fed.server import RoundResult, Server
 from meerkat_fl.fed.transport import Transport
+from meerkat_fl.progress import Progress, bar, postfix
 from meerkat_fl.rundir import EVAL, prefixed
 
 Metrics = dict[str, float]
@@ -40,15 +39,19 @@ def run_rounds(
     server: Server, transport: Transport, *, rounds: int, eval_every: int, checkpoint_every: int,
     evaluate: Callable[[], Metrics], log: Callable[[dict[str, Any]], None], checkpoint: Callable[[], None],
     observe: Callable[[RoundResult], None] = lambda result: None, stop_after: int | None = None,
-    progress: bool = True, desc: str = "rounds", last_eval: Metrics | None = None,
+    progress: Progress = True, desc: str = "rounds", last_eval: Metrics | None = None, bytes_before: int = 0,
 ) -> Metrics | None:
     """Run rounds from ``server.round`` up to ``rounds`` (or ``stop_after``); returns the last evaluation.
+
+    The bar shows the round, its train loss, the last evaluation and the bytes up + down so far (``last_eval``
+    and ``bytes_before``: those of the rounds a resumed run already has).
 
     A round's ``observe`` output (e.g. GradIP lines) is written before its metrics line, and a checkpoint after
     it, so a run killed anywhere resumes from a consistent point. Stopping early checkpoints where it stops.
     """
     every = eval_every or rounds
-    bar = tqdm(total=rounds, initial=server.round, desc=desc, unit="round", disable=not progress)
+    rounds_bar = bar(rounds, desc, "round", progress, initial=server.round)
+    total_bytes = bytes_before
     while server.round < rounds and (stop_after is None or server.round < stop_after):
         tic = time.perf_counter()
         plans, encoded = server.configure_round()
@@ -63,10 +66,10 @@ def run_rounds(
         log(record)
         if done % checkpoint_every == 0 or done == rounds:
             checkpoint()
-        bar.update(1)
-        bar.set_postfix(loss=f"{result.train_loss:.4f}" if result.train_loss is not None else "-",
-                        **{k: f"{v:.3f}" for k, v in prefixed(EVAL, last_eval).items()})
-    bar.close()
+        total_bytes += record["bytes_up"] + record["bytes_down"]
+        rounds_bar.update(1)
+        rounds_bar.set_postfix(postfix(result.train_loss, last_eval, total_bytes))
+    rounds_bar.close()
     if server.round < rounds and server.round % checkpoint_every:  # stopped early: resume continues from here
         checkpoint()
     return last_eval

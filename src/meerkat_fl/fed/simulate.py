@@ -23,6 +23,7 @@ from meerkat_fl.fed.server import RoundResult
 from meerkat_fl.fed.transport import InProcessTransport, Transport
 from meerkat_fl.partition import format_histogram, save_partition
 from meerkat_fl.patch import save_patch
+from meerkat_fl.progress import Progress
 from meerkat_fl.rundir import RunDir
 from meerkat_fl.vp import GRADIP_LOG, gradip_records
 
@@ -30,10 +31,10 @@ __all__ = ["ClientSide", "Federation", "build_client_side", "build_federation", 
            "simulate"]
 
 
-def evaluate(fed: Federation) -> dict[str, float]:
+def evaluate(fed: Federation, progress: Progress = False) -> dict[str, float]:
     """The task's metrics for the server's current values (written into the shared model)."""
     fed.params.write(fed.server.values)
-    return fed.data.scorer.evaluate(fed.data.test, batch_size=fed.cfg.task.eval_batch_size)
+    return fed.data.scorer.evaluate(fed.data.test, batch_size=fed.cfg.task.eval_batch_size, progress=progress)
 
 
 def save_checkpoint(run: RunDir, fed: Federation, wall: float) -> None:
@@ -58,7 +59,7 @@ def load_checkpoint(run: RunDir, fed: Federation, allow_changed: Iterable[str] =
 
 
 def simulate(
-    cfg: Config, out: str | Path, *, resume: bool = False, progress: bool = True,
+    cfg: Config, out: str | Path, *, resume: bool = False, progress: Progress = True,
     transport: Transport | None = None, stop_after: int | None = None,
     on_built: Callable[[Federation], None] | None = None, overwrite: bool = False,
     allow_changed: Iterable[str] = (),
@@ -84,8 +85,10 @@ def simulate(
         save_partition(fed.partition, run.path / "partition.json")
         (run.path / "partition.txt").write_text(format_histogram(fed.data.train_labels, fed.partition) + "\n")
     log_gradip = cfg.vp.log_gradip and fed.params.mask.pretrain_grad is not None  # GradIP, method doc section 4
-    zero_shot = shell.begin(run, resumed_round=resumed_round, evaluate=(lambda: evaluate(fed)) if cfg.run.zero_shot
-                            else None, logs=("metrics.jsonl", GRADIP_LOG) if log_gradip else ("metrics.jsonl",))
+    zero_shot = shell.begin(run, resumed_round=resumed_round, evaluate=(lambda: evaluate(fed, progress))
+                            if cfg.run.zero_shot else None,
+                            logs=("metrics.jsonl", GRADIP_LOG) if log_gradip else ("metrics.jsonl",))
+    kept = run.read_metrics()  # a resumed run's rounds so far: its bar starts from their eval and bytes
 
     def observe(result: RoundResult) -> None:  # before metrics.jsonl: a round's line means its GradIP lines exist
         if log_gradip:
@@ -95,10 +98,14 @@ def simulate(
 
     rounds = cfg.fed.rounds
     run_rounds(fed.server, transport, rounds=rounds, eval_every=cfg.run.eval_every,
-               checkpoint_every=cfg.run.checkpoint_every, evaluate=lambda: evaluate(fed), log=run.append_metrics,
+               checkpoint_every=cfg.run.checkpoint_every, evaluate=lambda: evaluate(fed, progress),
+               log=run.append_metrics,
                checkpoint=lambda: save_checkpoint(run, fed, wall_before + time.perf_counter() - started),
-               observe=observe, stop_after=stop_after, progress=progress, desc=method_name(cfg))
+               observe=observe, stop_after=stop_after, progress=progress, desc=method_name(cfg),
+               last_eval=shell.final_metrics(kept, zero_shot),
+               bytes_before=sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in kept))
     if fed.server.round < rounds:
+        run.close()
         return {"interrupted_at_round": fed.server.round}
 
     save_patch(run.patch_path, fed.params.mask, fed.server.values,

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ import tomli_w
 from meerkat_fl.config import Config, to_toml
 from meerkat_fl.errors import ConfigError, MeerkatError
 from meerkat_fl.flower import APP_DIR
-from meerkat_fl.rundir import CHECKPOINT
+from meerkat_fl.progress import Progress, bar, postfix
+from meerkat_fl.run import final_metrics
+from meerkat_fl.rundir import CHECKPOINT, RunDir
 
 log = logging.getLogger(__name__)
 CONNECTION = "meerkat"
@@ -229,23 +232,33 @@ class Flower:
                    "--num-supernodes", str(num_supernodes), "--client-resources-num-cpus", str(cpus_per_client),
                    "--client-resources-num-gpus", "0"], name="simulation-config", timeout=120)
 
-    def flwr(self, args: list[str], name: str, timeout: float | None = None) -> None:
-        """Run one ``flwr`` CLI command to completion (output in logs/<name>.log)."""
+    def flwr(self, args: list[str], name: str, timeout: float | None = None,
+             while_waiting: Callable[[], None] | None = None) -> None:
+        """Run one ``flwr`` CLI command to completion (output in logs/<name>.log); ``while_waiting`` is called
+        about once a second until it ends."""
         proc = self.start(name, [command("flwr"), *args])
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise FlowerError(f"flwr {args[0]} did not finish in {timeout:g} s") from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                code = proc.wait(timeout=1.0 if left is None else max(0.0, min(1.0, left)))
+                break
+            except subprocess.TimeoutExpired:
+                if left is not None and left <= 1.0:
+                    raise FlowerError(f"flwr {args[0]} did not finish in {timeout:g} s") from None
+                if while_waiting is not None:
+                    while_waiting()
         if code != 0:
             tail = (self.workdir / "logs" / f"{name}.log").read_text(errors="replace")[-2000:]
             raise FlowerError(f"flwr {' '.join(args[:2])} failed with code {code}:\n{tail}")
 
     def run(self, cfg: Config, out: str | Path, *, round_timeout: float = 300.0, node_wait: float = 120.0,
             timeout: float | None = None, app_dir: str | Path = APP_DIR, resume: bool = False,
-            stop_after: int | None = None) -> dict[str, Any]:
+            stop_after: int | None = None, progress: Progress = False) -> dict[str, Any]:
         """``flwr run`` the Meerkat app (or another app dir) with ``cfg``; wait for the run folder; return its
         summary. ``resume`` continues ``out`` from its last checkpoint; ``stop_after`` ends after that many
-        rounds (the summary then reads ``interrupted_at_round``)."""
+        rounds (the summary then reads ``interrupted_at_round``). ``progress``: a rounds bar that follows the
+        run folder's metrics.jsonl (the ServerApp runs in Flower's process, which shows none)."""
         out = Path(out).resolve()
         if resume and not (out / CHECKPOINT).exists():  # say so before starting Flower
             raise ConfigError(f"resume: {out} holds no checkpoint to continue from")
@@ -257,8 +270,13 @@ class Flower:
         run_config.write_text(tomli_w.dumps({"meerkat-config": to_toml(cfg), "set": "", "out": str(out),
                                              "round-timeout": float(round_timeout), "node-wait": float(node_wait),
                                              "resume": bool(resume), "stop-after": int(stop_after or 0)}))
-        self.flwr(["run", str(app), CONNECTION, "--stream", "--run-config", str(run_config)], name="flwr-run",
-                  timeout=timeout)
+        rounds_bar = bar(cfg.fed.rounds, "flower", "round", progress)
+        try:
+            self.flwr(["run", str(app), CONNECTION, "--stream", "--run-config", str(run_config)], name="flwr-run",
+                      timeout=timeout, while_waiting=lambda: show_rounds(rounds_bar, out))
+            show_rounds(rounds_bar, out)
+        finally:
+            rounds_bar.close()
         # `--stream` returns when the run ends; the ServerApp writes summary.json last.
         deadline = time.monotonic() + 30.0
         while not (out / "summary.json").exists():
@@ -269,18 +287,20 @@ class Flower:
 
 
 def run_simulation(cfg: Config, out: str | Path, workdir: str | Path, *, timeout: float | None = None,
-                   round_timeout: float = 300.0, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+                   round_timeout: float = 300.0, resume: bool = False, stop_after: int | None = None,
+                   progress: Progress = False) -> dict[str, Any]:
     """One Meerkat run in Flower's Simulation Runtime: one virtual SuperNode per client."""
     with Flower(workdir) as flower:
         flower.start_superlink(simulation=True)
         flower.configure_simulation(cfg.fed.num_clients)
         return flower.run(cfg, out, timeout=timeout, round_timeout=round_timeout, resume=resume,
-                          stop_after=stop_after)
+                          stop_after=stop_after, progress=progress)
 
 
 def run_deployment(cfg: Config, out: str | Path, workdir: str | Path, *, nodes: int | None = None,
                    tls: Tls | None = None, workers: bool = True, timeout: float | None = None,
-                   round_timeout: float = 300.0, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+                   round_timeout: float = 300.0, resume: bool = False, stop_after: int | None = None,
+                   progress: Progress = False) -> dict[str, Any]:
     """One Meerkat run on a loopback deployment: a SuperLink and ``nodes`` SuperNodes (default: one per
     client), each with a persistent node worker unless ``workers`` is False."""
     nodes = nodes or cfg.fed.num_clients
@@ -289,7 +309,21 @@ def run_deployment(cfg: Config, out: str | Path, workdir: str | Path, *, nodes: 
         for index in range(nodes):
             flower.start_supernode(index, nodes, node_settings(cfg, flower.start_worker(index) if workers else None))
         return flower.run(cfg, out, timeout=timeout, round_timeout=round_timeout, resume=resume,
-                          stop_after=stop_after)
+                          stop_after=stop_after, progress=progress)
+
+
+def show_rounds(rounds_bar: Any, out: Path) -> None:
+    """Point a rounds bar at a run folder's metrics.jsonl as it stands (read whole each time: a resume
+    truncates it): the last round, its train loss, the last evaluation and the bytes so far."""
+    try:
+        rows = RunDir(out).read_metrics()
+    except (OSError, MeerkatError):  # being replaced right now: the next call reads it
+        return
+    if not rows:
+        return
+    rounds_bar.n = int(rows[-1].get("round", 0))
+    rounds_bar.set_postfix(postfix(rows[-1].get("train_loss"), final_metrics(rows, None),
+                                   sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in rows)))
 
 
 def node_settings(cfg: Config, worker_socket: Path | None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from meerkat_fl.errors import ConfigError, DataError
+from meerkat_fl.progress import bar
 
 
 @dataclass
@@ -255,14 +256,18 @@ def predict(model: Any, data: EncodedData, batch_size: int = 32) -> np.ndarray:
 
 
 @torch.no_grad()
-def classification_metrics(model: Any, data: EncodedData, batch_size: int = 32) -> dict[str, float]:
+def classification_metrics(model: Any, data: EncodedData, batch_size: int = 32,
+                           progress: bool | None = False) -> dict[str, float]:
     """{"accuracy": share of rows whose argmax label word is the true label, "loss": mean cross-entropy}."""
     if len(data) == 0:
         raise DataError("cannot evaluate on zero examples")
     hits, total_loss = 0, 0.0
-    for _, batch in _batches(data, batch_size, _device(model)):
+    rows = bar(len(data), "eval", "row", progress, leave=False)
+    for chunk, batch in _batches(data, batch_size, _device(model)):
         logits = label_logits(model, batch)
         labels = batch.labels.to(logits.device)
         hits += int((logits.argmax(dim=-1) == labels).sum())
         total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+        rows.update(len(chunk))
+    rows.close()
     return {"accuracy": hits / len(data), "loss": total_loss / len(data)}

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from meerkat_fl.errors import ConfigError, DataError
+from meerkat_fl.progress import bar
 from meerkat_fl.tasks.base import PER_ROW_POSITIONS, _special_prefix, pad_token_id
 
 logger = logging.getLogger(__name__)
@@ -227,14 +227,17 @@ def _by_length(data: GenerationData, batch_size: int, lengths: np.ndarray):
 
 
 @torch.no_grad()
-def split_loss(model: Any, data: GenerationData, batch_size: int = 8) -> float:
+def split_loss(model: Any, data: GenerationData, batch_size: int = 8, progress: bool | None = False) -> float:
     """Mean response-token cross-entropy over the whole split (every response token weighs the same)."""
     total, tokens = 0.0, 0
+    rows = bar(len(data), "eval loss", "row", progress, leave=False)
     for chunk in _by_length(data, batch_size, data.lengths()):
         batch = data.batch(chunk, _device(model))
         logits = response_logits(model, batch)
         total += float(F.cross_entropy(logits.float(), batch.targets.to(logits.device), reduction="sum"))
         tokens += int(batch.targets.numel())
+        rows.update(len(chunk))
+    rows.close()
     return total / tokens
 
 
@@ -251,8 +254,7 @@ def generate(model: Any, data: GenerationData, max_new_tokens: int, batch_size: 
                               pad_token_id=data.pad_id, eos_token_id=data.eos_id)
     texts = [""] * len(data)
     lengths = np.array([len(ids) for ids in data.prompt_ids], dtype=np.int64)
-    bar = tqdm(total=len(data), desc="generate", unit="row", leave=False,
-               disable=None if progress is None else not progress)
+    rows = bar(len(data), "generate", "row", progress, leave=False)
     for chunk in _by_length(data, batch_size, lengths):
         input_ids, attention_mask = data.prompt_batch(chunk, _device(model))
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
@@ -260,8 +262,8 @@ def generate(model: Any, data: GenerationData, max_new_tokens: int, batch_size: 
             if data.eos_id in ids:
                 ids = ids[: ids.index(data.eos_id)]
             texts[row] = data.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        bar.update(len(chunk))
-    bar.close()
+        rows.update(len(chunk))
+    rows.close()
     return texts
 
 
@@ -277,9 +279,11 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     return float(np.mean([scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]))
 
 
-def generation_metrics(model: Any, data: GenerationData, batch_size: int, max_new_tokens: int) -> dict[str, float]:
+def generation_metrics(model: Any, data: GenerationData, batch_size: int, max_new_tokens: int,
+                       progress: bool | None = False) -> dict[str, float]:
     """{"loss": mean response-token cross-entropy, "rouge_l": mean ROUGE-L F1 of greedy generations}."""
     if len(data) == 0:
         raise DataError("cannot evaluate on zero examples")
-    loss = split_loss(model, data, batch_size)
-    return {"loss": loss, "rouge_l": rouge_l(generate(model, data, max_new_tokens, batch_size), data.references)}
+    loss = split_loss(model, data, batch_size, progress)
+    texts = generate(model, data, max_new_tokens, batch_size, progress)
+    return {"loss": loss, "rouge_l": rouge_l(texts, data.references)}

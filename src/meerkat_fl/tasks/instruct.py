@@ -186,9 +186,10 @@ class InstructionTask:
         """The same loss as a differentiable 0-d tensor (first-order training)."""
         return response_loss_tensor(model, batch)
 
-    def evaluate(self, model: Any, data: GenerationData, batch_size: int = 32) -> dict[str, float]:
+    def evaluate(self, model: Any, data: GenerationData, batch_size: int = 32,
+                 progress: bool | None = False) -> dict[str, float]:
         """{"loss", "rouge_l"} of `model` on `data` (generation.generation_metrics)."""
-        return generation_metrics(model, data, batch_size, self.max_new_tokens)
+        return generation_metrics(model, data, batch_size, self.max_new_tokens, progress=progress)
 
     def _missing_message(self, split: str, relpath: str | None, tried: list[str]) -> str:
         options = ["(1) path= a local .jsonl/.csv/.tsv file (optionally .gz) with columns instruction, "

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from meerkat_fl.errors import ConfigError, DataError
+from meerkat_fl.progress import bar
 from meerkat_fl.tasks.base import ClassificationData, EncodedData, pad_token_id, prompt_token_ids
 from meerkat_fl.tasks.generation import GenerationBatch, response_logits
 
@@ -108,7 +109,7 @@ def options_loss_tensor(model, batch: OptionsBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def options_metrics(model, data: OptionsData, batch_size: int = 32) -> dict[str, float]:
+def options_metrics(model, data: OptionsData, batch_size: int = 32, progress: bool | None = False) -> dict[str, float]:
     """{"accuracy": share of rows whose best-scored option is the true one, "loss": mean cross-entropy}."""
     if len(data) == 0:
         raise DataError("cannot evaluate on zero examples")
@@ -118,10 +119,13 @@ def options_metrics(model, data: OptionsData, batch_size: int = 32) -> dict[str,
     rows = max(1, batch_size // len(data.option_ids))  # batch_size counts sequences: rows x options
     order = np.argsort(data.lengths(), kind="stable")
     hits, total = 0, 0.0
+    done = bar(len(data), "eval", "row", progress, leave=False)
     for start in range(0, len(order), rows):
         batch = data.batch(order[start : start + rows], device)
         scores = option_scores(model, batch)
         labels = batch.labels.to(scores.device)
         hits += int((scores.argmax(dim=-1) == labels).sum())
         total += float(F.cross_entropy(scores, labels, reduction="sum"))
+        done.update(len(labels))
+    done.close()
     return {"accuracy": hits / len(data), "loss": total / len(data)}

@@ -83,8 +83,10 @@ class TaskProtocol(Protocol):
         """`loss` as a 0-d tensor with autograd as the caller set it (the first-order baseline's backprop)."""
         ...
 
-    def evaluate(self, model: Any, data: EncodedSplit, batch_size: int = 32) -> dict[str, float]:
-        """Metrics of `model` on `data` by name; includes `primary_metric`."""
+    def evaluate(self, model: Any, data: EncodedSplit, batch_size: int = 32, progress: bool | None = False
+                 ) -> dict[str, float]:
+        """Metrics of `model` on `data` by name; includes `primary_metric`. `progress`: a bar over the rows
+        (meerkat_fl.progress: None = on a terminal)."""
         ...
 
 
@@ -109,5 +111,5 @@ class Scorer:
     def loss_tensor(self, batch: Any) -> torch.Tensor:
         return self.task.loss_tensor(self.model, batch)
 
-    def evaluate(self, data: EncodedSplit, batch_size: int = 32) -> dict[str, float]:
-        return self.task.evaluate(self.model, data, batch_size)
+    def evaluate(self, data: EncodedSplit, batch_size: int = 32, progress: bool | None = False) -> dict[str, float]:
+        return self.task.evaluate(self.model, data, batch_size, progress=progress)

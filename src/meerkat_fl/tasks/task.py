@@ -239,11 +239,12 @@ class Task:
             return options_loss_tensor(model, batch)
         return classification_loss_tensor(model, batch)
 
-    def evaluate(self, model: Any, data: EncodedData | OptionsData, batch_size: int = 32) -> dict[str, float]:
+    def evaluate(self, model: Any, data: EncodedData | OptionsData, batch_size: int = 32,
+                 progress: bool | None = False) -> dict[str, float]:
         """{"accuracy", "loss"} of `model` on `data` (base.classification_metrics, options.options_metrics)."""
         if isinstance(data, OptionsData):
-            return options_metrics(model, data, batch_size)
-        return classification_metrics(model, data, batch_size)
+            return options_metrics(model, data, batch_size, progress=progress)
+        return classification_metrics(model, data, batch_size, progress=progress)
 
     def _read_file(self, spec: FileSource, file_path: Path) -> Examples:
         decode = label_decoder(self.num_labels, self.label_names, self.label_words, spec.label_map)
