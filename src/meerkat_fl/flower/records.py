@@ -54,6 +54,12 @@ def read_updates(content: RecordDict, expected: list[int]) -> dict[int, bytes | 
     return out
 
 
+def answered_clients(content: RecordDict) -> list[str]:
+    """The client ids a reply holds updates for, as written (``update.<id>`` keys; not necessarily numbers)."""
+    record = content.get(RECORD) if hasattr(content, "get") else None
+    return [key.split(".", 1)[1] for key in (record.keys() if record is not None else ()) if key.startswith("update.")]
+
+
 def client_state_record(state: dict) -> ConfigRecord:
     """A hosted client's state record (``ClientState.to_record``: ints and bytes) as Flower keeps it."""
     return ConfigRecord({key: value for key, value in state.items()})
