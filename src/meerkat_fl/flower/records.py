@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, RecordDict
 RECORD = "meerkat"
 CONFIG_KEY = "config"
 STATE_CONFIG = "meerkat.config"
+NO_HANDSHAKE = "no handshake: this node does not know the run's config"  # a restarted node's first reply
 
 
 def plan_key(client_id: int) -> str:

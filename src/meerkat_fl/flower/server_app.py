@@ -158,6 +158,7 @@ class GridTransport:
         while True:
             live = set(self.grid.get_node_ids())
             self.node_of = {cid: nid for cid, nid in self.node_of.items() if nid in live}
+            self.seen &= live  # a node that comes back is handshaken again (with --auth, under the same id)
             new = self._admit(sorted(live - self.seen - self.unmapped))
             if new:
                 self._handshake(new)
@@ -205,6 +206,8 @@ class GridTransport:
             record = reply.content[records.RECORD]
             if "error" in record:
                 log.warning("round %d: node %d: %s", self.round, nid, record["error"])
+                if record["error"] == records.NO_HANDSHAKE:  # restarted under the same (registered) node id
+                    self.seen.discard(nid)
             for key in ("load-s", "fit-s", "handler-s"):
                 if key in record:
                     self.timings[key] = max(self.timings.get(key, 0.0), float(record[key]))
