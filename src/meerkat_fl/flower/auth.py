@@ -13,6 +13,12 @@ PEM). Keys are OpenSSH files, as ``flwr`` reads them.
 and the clients it may host. A node whose key is not in the map is never handshaken; a node's claim to a
 client outside its entry is ignored; a reply that answers for a client the node was not sent is refused whole
 (``server_app.GridTransport``). No flwr import here: the CLI and the launcher use it without the extra.
+
+Left to Flower: its Fleet ``PushMessages`` (1.42, ``superlink/servicer/fleet/fleet_handlers.py:push_messages``)
+does not compare a reply's ``metadata.src_node_id`` with the authenticated node; ``LinkState.store_message_res``
+only requires it to equal the ``dst_node_id`` of the message replied to. A registered node that learned the id
+of a message sent to another node could reply in that node's name; message ids are content hashes of messages
+it cannot pull, so we rely on that.
 """
 
 from __future__ import annotations
