@@ -130,15 +130,17 @@ def test_interrupted_simulation_resumes_from_its_checkpoint(tiny_cfg, tmp_path):
         run_simulation(cfg, tmp_path / "empty", tmp_path / "work3", timeout=RUN_TIMEOUT, resume=True)
 
 
-HOSTILE_APP = '''
-"""A ClientApp that answers for client 1 with NaN scalars (test only)."""
+APP_SKELETON = '''
+"""A test ClientApp: Meerkat's handshake, and a train handler of the test's own."""
 import dataclasses
+import json
 
 import numpy as np
 from flwr.clientapp import ClientApp
 
-from meerkat_fl.fed.messages import decode_update, encode_update
+from meerkat_fl.fed.messages import decode_plan, decode_update, encode_plan, encode_update
 from meerkat_fl.flower import client_app, records
+from meerkat_fl.local import step_seeds
 
 app = ClientApp()
 
@@ -146,10 +148,21 @@ app = ClientApp()
 @app.query()
 def query(msg, context):
     return client_app.handshake(msg, context)
+'''
 
 
+def custom_app(folder: Path, train_source: str) -> Path:
+    """An app directory whose ClientApp is ``APP_SKELETON`` plus ``train_source`` (an ``@app.train()``)."""
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text((APP_DIR / "pyproject.toml").read_text().replace(
+        "meerkat_fl.flower.client_app:app", "custom_client_app:app"))
+    (folder / "custom_client_app.py").write_text(APP_SKELETON + train_source)
+    return folder
+
+
+HOSTILE_TRAIN = '''
 @app.train()
-def train(msg, context):
+def train(msg, context):  # answers for client 1 with NaN scalars
     reply = client_app.fit(msg, context)
     record = reply.content[records.RECORD]
     key = records.update_key(1)
@@ -162,11 +175,7 @@ def train(msg, context):
 
 def test_hostile_reply_is_rejected_without_touching_the_global_values(tiny_cfg, tmp_path):
     cfg = small(tiny_cfg)
-    app = tmp_path / "hostile-app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text((APP_DIR / "pyproject.toml").read_text().replace(
-        "meerkat_fl.flower.client_app:app", "hostile_app:app"))
-    (app / "hostile_app.py").write_text(HOSTILE_APP)
+    app = custom_app(tmp_path / "hostile-app", HOSTILE_TRAIN)
     with Flower(tmp_path / "work") as flower:
         flower.start_superlink(simulation=True)
         flower.configure_simulation(2)
@@ -228,28 +237,10 @@ def test_killed_supernode_does_not_stop_the_run(tiny_cfg, tmp_path):
     assert os.path.exists(out / "patch.safetensors")
 
 
-IMPOSTOR_APP = '''
-"""A ClientApp whose node, with impostor=1 in its node config, also answers for client 0 (test only):
-it forges client 0's plan (the seeds are a function of the run seed) and fits it, so the forged reply is one
-the server would accept if it came from client 0's node."""
-import dataclasses
-import json
-
-import numpy as np
-from flwr.clientapp import ClientApp
-
-from meerkat_fl.fed.messages import decode_plan, encode_plan
-from meerkat_fl.flower import client_app, records
-from meerkat_fl.local import step_seeds
-
-app = ClientApp()
-
-
-@app.query()
-def query(msg, context):
-    return client_app.handshake(msg, context)
-
-
+# With impostor=1 in its node config, a node also answers for client 0: it forges client 0's plan (the seeds
+# are a function of the run seed) and fits it, so the forged reply is one the server would accept from client
+# 0's own node.
+IMPOSTOR_TRAIN = '''
 @app.train()
 def train(msg, context):
     plans = records.read_plans(msg.content)
@@ -268,11 +259,7 @@ def test_only_registered_nodes_join_and_none_answers_for_another_nodes_client(ti
     auth = make_node_keys(tmp_path / "certs", nodes=2, num_clients=2)  # node-0 hosts client 0, node-1 client 1
     unregistered = make_node_keys(tmp_path / "unregistered", 1, 1).keys[0]
     unmapped = make_node_keys(tmp_path / "unmapped", 1, 1).keys[0]  # registered with Flower, not in the map
-    app = tmp_path / "impostor-app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text((APP_DIR / "pyproject.toml").read_text().replace(
-        "meerkat_fl.flower.client_app:app", "impostor_app:app"))
-    (app / "impostor_app.py").write_text(IMPOSTOR_APP)
+    app = custom_app(tmp_path / "impostor-app", IMPOSTOR_TRAIN)
     out = tmp_path / "flower"
     with Flower(tmp_path / "work", tls=tls, auth=auth) as flower:
         flower.start_superlink()  # --enable-supernode-auth; registers node-0 and node-1
