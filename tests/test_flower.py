@@ -1,5 +1,6 @@
 """Meerkat on Flower: the same global values as the in-process simulator, in Flower's simulation and on a
-loopback deployment (TLS); a hostile reply is rejected; a SuperNode killed mid-run does not stop the run.
+loopback deployment (TLS); a hostile reply is rejected; a SuperNode killed mid-run does not stop the run;
+with SuperNode authentication only registered nodes join, and none answers for another node's client.
 
 Each test starts its own Flower processes on free ports with a private FLWR_HOME under tmp_path, and the
 ``Flower`` context manager stops them, also when the test fails. Tiny model, 2 clients, 2 rounds.
@@ -26,6 +27,7 @@ from meerkat_fl.errors import ConfigError
 from meerkat_fl.fed.simulate import build_federation, simulate
 from meerkat_fl.fed.transport import InProcessTransport
 from meerkat_fl.flower import APP_DIR
+from meerkat_fl.flower.auth import make_node_keys
 from meerkat_fl.flower.launch import Flower, node_settings, run_deployment, run_simulation
 from meerkat_fl.flower.tls import make_certificates
 from meerkat_fl.patch import load_patch
@@ -74,7 +76,7 @@ def test_core_and_cli_import_without_flwr():
         sys.meta_path.insert(0, Block())
         import meerkat_fl, meerkat_fl.cli, meerkat_fl.fed.simulate
         import meerkat_fl.flower, meerkat_fl.flower.launch, meerkat_fl.flower.node, meerkat_fl.flower.worker
-        import meerkat_fl.flower.tls
+        import meerkat_fl.flower.tls, meerkat_fl.flower.auth
         meerkat_fl.cli.build_parser().parse_args(["flower", "sim", "configs/tiny.toml"])
         assert not any(m == "flwr" or m.startswith("flwr.") for m in sys.modules)
         print("ok")
@@ -128,15 +130,17 @@ def test_interrupted_simulation_resumes_from_its_checkpoint(tiny_cfg, tmp_path):
         run_simulation(cfg, tmp_path / "empty", tmp_path / "work3", timeout=RUN_TIMEOUT, resume=True)
 
 
-HOSTILE_APP = '''
-"""A ClientApp that answers for client 1 with NaN scalars (test only)."""
+APP_SKELETON = '''
+"""A test ClientApp: Meerkat's handshake, and a train handler of the test's own."""
 import dataclasses
+import json
 
 import numpy as np
 from flwr.clientapp import ClientApp
 
-from meerkat_fl.fed.messages import decode_update, encode_update
+from meerkat_fl.fed.messages import decode_plan, decode_update, encode_plan, encode_update
 from meerkat_fl.flower import client_app, records
+from meerkat_fl.local import step_seeds
 
 app = ClientApp()
 
@@ -144,10 +148,21 @@ app = ClientApp()
 @app.query()
 def query(msg, context):
     return client_app.handshake(msg, context)
+'''
 
 
+def custom_app(folder: Path, train_source: str) -> Path:
+    """An app directory whose ClientApp is ``APP_SKELETON`` plus ``train_source`` (an ``@app.train()``)."""
+    folder.mkdir()
+    (folder / "pyproject.toml").write_text((APP_DIR / "pyproject.toml").read_text().replace(
+        "meerkat_fl.flower.client_app:app", "custom_client_app:app"))
+    (folder / "custom_client_app.py").write_text(APP_SKELETON + train_source)
+    return folder
+
+
+HOSTILE_TRAIN = '''
 @app.train()
-def train(msg, context):
+def train(msg, context):  # answers for client 1 with NaN scalars
     reply = client_app.fit(msg, context)
     record = reply.content[records.RECORD]
     key = records.update_key(1)
@@ -160,11 +175,7 @@ def train(msg, context):
 
 def test_hostile_reply_is_rejected_without_touching_the_global_values(tiny_cfg, tmp_path):
     cfg = small(tiny_cfg)
-    app = tmp_path / "hostile-app"
-    app.mkdir()
-    (app / "pyproject.toml").write_text((APP_DIR / "pyproject.toml").read_text().replace(
-        "meerkat_fl.flower.client_app:app", "hostile_app:app"))
-    (app / "hostile_app.py").write_text(HOSTILE_APP)
+    app = custom_app(tmp_path / "hostile-app", HOSTILE_TRAIN)
     with Flower(tmp_path / "work") as flower:
         flower.start_superlink(simulation=True)
         flower.configure_simulation(2)
@@ -224,3 +235,60 @@ def test_killed_supernode_does_not_stop_the_run(tiny_cfg, tmp_path):
     assert torch.isfinite(values(out)).all()
     assert not any(proc.poll() is None for proc in flower.processes.values())
     assert os.path.exists(out / "patch.safetensors")
+
+
+# With impostor=1 in its node config, a node also answers for client 0: it forges client 0's plan (the seeds
+# are a function of the run seed) and fits it, so the forged reply is one the server would accept from client
+# 0's own node.
+IMPOSTOR_TRAIN = '''
+@app.train()
+def train(msg, context):
+    plans = records.read_plans(msg.content)
+    if context.node_config.get("impostor") and 0 not in plans and plans:
+        plan = decode_plan(next(iter(plans.values())))
+        run_seed = json.loads(str(context.state[records.STATE_CONFIG][records.CONFIG_KEY]))["run"]["seed"]
+        seeds = np.asarray(step_seeds(run_seed, plan.round, 0, len(plan.seeds)), dtype=np.int64)
+        msg.content[records.RECORD][records.plan_key(0)] = encode_plan(dataclasses.replace(plan, client_id=0, seeds=seeds))
+    return client_app.fit(msg, context)
+'''
+
+
+def test_only_registered_nodes_join_and_none_answers_for_another_nodes_client(tiny_cfg, tmp_path):
+    cfg = small(tiny_cfg, "fed.downlink=values")
+    tls = make_certificates(tmp_path / "certs")
+    auth = make_node_keys(tmp_path / "certs", nodes=2, num_clients=2)  # node-0 hosts client 0, node-1 client 1
+    unregistered = make_node_keys(tmp_path / "unregistered", 1, 1).keys[0]
+    unmapped = make_node_keys(tmp_path / "unmapped", 1, 1).keys[0]  # registered with Flower, not in the map
+    app = custom_app(tmp_path / "impostor-app", IMPOSTOR_TRAIN)
+    out = tmp_path / "flower"
+    with Flower(tmp_path / "work", tls=tls, auth=auth) as flower:
+        flower.start_superlink()  # --enable-supernode-auth; registers node-0 and node-1
+        flower.register(unmapped)
+        flower.start_supernode(0, 2, node_settings(cfg, flower.start_worker(0)))
+        # node-1 says it hosts both clients (one partition) and answers for client 0 as well
+        flower.start_supernode(1, 2, {**node_settings(cfg, flower.start_worker(1)), "partition-id": 0,
+                                      "num-partitions": 1, "impostor": 1})
+        claims_one = {"partition-id": 1, "num-partitions": 2}
+        flower.start_supernode(2, 2, claims_one, private_key=unregistered.private)  # a key Flower never saw
+        flower.start_supernode(3, 2, claims_one)  # no key: asks to self-register
+        flower.start_supernode(4, 2, claims_one, private_key=unmapped.private)
+        summary = flower.run(cfg, out, timeout=RUN_TIMEOUT, app_dir=app)
+        refused = {name: flower.processes[name].poll() for name in ("supernode-2", "supernode-3")}
+    logs = tmp_path / "work" / "logs"
+    assert all(code not in (None, 0) for code in refused.values()), refused
+    assert "Failed to activate SuperNode" in (logs / "supernode-2.log").read_text()
+    assert "must be registered" in (logs / "supernode-3.log").read_text()
+    # the ServerApp handshook only the mapped nodes; node-1's claim to client 0 was ignored
+    assert summary["flower_nodes"] == 2 and summary["unmapped_nodes"] == 1 and summary["refused_claims"] == 1
+    # every round node-0 trained client 0; node-1's reply (with its forged client-0 update) was refused whole
+    assert summary["rejected_replies"] == cfg.fed.rounds and summary["forged_replies"] == cfg.fed.rounds
+    for row in rows(out):
+        assert row["clients"] == [0] and row["forged_replies"] == 1
+        assert "node-1" in row["rejected"]["1"] and "answered for client(s) 0" in row["rejected"]["1"]
+    ref = build_federation(cfg)  # the in-process server in which client 1 never answers
+    transport = DropClient(ref.clients, ref.runtime, client_id=1)
+    for _ in range(cfg.fed.rounds):
+        plans, encoded = ref.server.configure_round()
+        ref.server.aggregate_round(plans, encoded, transport.send_and_receive(encoded))
+    assert torch.equal(load_patch(out / "patch.safetensors").values, ref.server.values)
+    assert json.loads((out / "summary.json").read_text())["engine"] == "flower"

@@ -212,7 +212,16 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
         tls = make_certificates(args.dir, tuple(args.host or ("127.0.0.1", "localhost")))
         print(f"wrote {tls.ca}, {tls.cert}, {tls.key}")
+        if args.nodes:
+            from meerkat_fl.flower.auth import make_node_keys
+
+            auth = make_node_keys(args.dir, args.nodes, args.clients or args.nodes)
+            print(f"wrote {', '.join(str(k.private) + '/.pub' for k in auth.keys)}, {auth.node_map}")
         return 0
+    if getattr(args, "auth", False) and not args.tls:
+        from meerkat_fl.errors import ConfigError
+
+        raise ConfigError("flower deploy --auth needs --tls: Flower authenticates SuperNodes over TLS only")
     if args.resume:
         from meerkat_fl import config
 
@@ -230,12 +239,17 @@ def cmd_flower(args: argparse.Namespace) -> int:
     if args.flower_command == "sim":
         summary = launch.run_simulation(cfg, out, workdir, round_timeout=args.round_timeout, **more)
     else:
-        tls = None
+        tls, auth = None, None
         if args.tls:
             from meerkat_fl.flower.tls import make_certificates
 
             tls = make_certificates(workdir / "certs")
-        summary = launch.run_deployment(cfg, out, workdir, nodes=args.nodes, tls=tls, workers=not args.no_worker,
+        if args.auth:
+            from meerkat_fl.flower.auth import make_node_keys
+
+            auth = make_node_keys(workdir / "certs", args.nodes or cfg.fed.num_clients, cfg.fed.num_clients)
+        summary = launch.run_deployment(cfg, out, workdir, nodes=args.nodes, tls=tls, auth=auth,
+                                        workers=not args.no_worker,
                                         round_timeout=args.round_timeout, **more)
     print(f"run folder: {out}")
     print(json.dumps(summary, indent=2))
@@ -366,10 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "deploy":
             q.add_argument("--nodes", type=int, help="SuperNodes (default: one per client)")
             q.add_argument("--tls", action="store_true", help="secure SuperLink with generated self-signed certs")
+            q.add_argument("--auth", action="store_true",
+                           help="with --tls: only registered SuperNodes join, each bound to its clients")
             q.add_argument("--no-worker", action="store_true",
                            help="no persistent node worker: each ClientApp process loads the model itself")
     q = flower.add_parser("certs", help="write a self-signed CA and SuperLink certificate (ca.pem, server.pem/key)")
     q.add_argument("dir"), q.add_argument("--host", action="append", help="name or IP in the certificate")
+    q.add_argument("--nodes", type=int, help="also write N SuperNode key pairs (node-<i>.key/.pub) and nodes.toml")
+    q.add_argument("--clients", type=int, help="clients in nodes.toml, node i hosting cid %% N == i (default N)")
     q.set_defaults(func=cmd_flower)
     q = flower.add_parser("worker", help="a persistent node worker (keeps the model loaded for a SuperNode)")
     q.add_argument("--socket", required=True, help="Unix socket path; name it in --node-config worker-socket=")

@@ -146,14 +146,20 @@ class Server:
         return plans, EncodedPlans(plans)
 
     def aggregate_round(
-        self, plans: dict[int, RoundPlan], encoded: Mapping[int, bytes], replies: dict[int, bytes | None]
+        self, plans: dict[int, RoundPlan], encoded: Mapping[int, bytes],
+        replies: Mapping[int, bytes | MessageRejected | None],
     ) -> RoundResult:
-        """Validate replies, replay accepted clients' paths from the round's start, aggregate, advance."""
+        """Validate replies, replay accepted clients' paths from the round's start, aggregate, advance. A reply
+        the transport already refused (a Flower node answering for a client it was not sent) is a rejection."""
         updates, rejected = {}, {}
         for cid, plan in plans.items():
             reply = replies.get(cid)
             if reply is None:
                 rejected[cid] = "no reply"
+                continue
+            if isinstance(reply, MessageRejected):
+                rejected[cid] = str(reply)
+                log.warning("round %d: rejected %s", self.round, reply)
                 continue
             try:
                 update = decode_update(reply, who=f"client {cid}")
@@ -191,7 +197,7 @@ class Server:
             self.round, rejected, paths, updates,
             bytes_down={cid: encoded.size(cid) if isinstance(encoded, EncodedPlans) else len(encoded[cid])
                         for cid in plans},
-            bytes_up={cid: len(replies[cid]) for cid in plans if replies.get(cid) is not None},
+            bytes_up={cid: len(reply) for cid in plans if isinstance(reply := replies.get(cid), bytes)},
             metrics=metrics,
         )
         self.round += 1

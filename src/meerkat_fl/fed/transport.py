@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import Protocol
 
-from meerkat_fl.errors import MeerkatError
+from meerkat_fl.errors import MeerkatError, MessageRejected
 from meerkat_fl.fed.client import Client, ClientRuntime
 from meerkat_fl.fed.messages import decode_plan, encode_update
 
@@ -15,8 +15,9 @@ log = logging.getLogger(__name__)
 
 
 class Transport(Protocol):
-    def send_and_receive(self, plans: Mapping[int, bytes]) -> dict[int, bytes | None]:
-        """Deliver each client its plan; return its reply, or None when it failed or did not answer."""
+    def send_and_receive(self, plans: Mapping[int, bytes]) -> Mapping[int, bytes | MessageRejected | None]:
+        """Deliver each client its plan; return its reply, None when it failed or did not answer, or the
+        reason the transport refused it (the server counts it as a rejected reply)."""
         ...
 
 

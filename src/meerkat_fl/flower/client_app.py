@@ -57,7 +57,7 @@ def fit(msg: Message, context: Context) -> Message:
     plans = records.read_plans(msg.content)
     out: dict = {}
     if records.STATE_CONFIG not in context.state:
-        out["error"] = "no handshake: this node does not know the run's config"
+        out["error"] = records.NO_HANDSHAKE
         return Message(RecordDict({records.RECORD: ConfigRecord(out)}), reply_to=msg)
     text = str(context.state[records.STATE_CONFIG][records.CONFIG_KEY])
     requests = {}

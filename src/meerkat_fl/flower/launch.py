@@ -6,7 +6,10 @@ error or on Ctrl-C) terminates them. Two shapes:
 
 - simulation: one ``flower-superlink --simulation`` (Ray runs the virtual SuperNodes);
 - deployment: one ``flower-superlink`` plus N ``flower-supernode`` on loopback ports, each with
-  ``--node-config "partition-id=i num-partitions=N data-dir=..."`` and, optionally, a persistent node worker.
+  ``--node-config "partition-id=i num-partitions=N data-dir=..."`` and, optionally, a persistent node worker;
+  with ``auth`` (TLS only), Flower's SuperNode authentication: the SuperLink runs ``--enable-supernode-auth``,
+  each node's public key is registered (``flwr supernode register``), each node signs with its private key,
+  and the ServerApp checks every node against the node map (``auth.py``).
 
 Both call ``flwr run APP NAME --stream`` with the app in ``meerkat_fl/flower/app`` and write the run folder
 that ``meerkat run`` writes. No flwr import here: everything goes through Flower's own commands.
@@ -33,6 +36,7 @@ import tomli_w
 from meerkat_fl.config import Config, to_toml
 from meerkat_fl.errors import ConfigError, MeerkatError
 from meerkat_fl.flower import APP_DIR
+from meerkat_fl.flower.auth import NodeAuth, NodeKey, read_node_map_file
 from meerkat_fl.progress import Progress, bar, postfix
 from meerkat_fl.run import final_metrics
 from meerkat_fl.rundir import CHECKPOINT, RunDir
@@ -98,13 +102,15 @@ class Tls:
 class Flower:
     """Processes of one local Flower deployment or simulation, stopped when the ``with`` block ends."""
 
-    def __init__(self, workdir: str | Path, *, tls: Tls | None = None):
+    def __init__(self, workdir: str | Path, *, tls: Tls | None = None, auth: NodeAuth | None = None):
+        if auth is not None and tls is None:
+            raise ConfigError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.home = self.workdir / "flwr-home"
         self.home.mkdir(exist_ok=True)
         self.env = flower_env(self.home)
-        self.tls = tls
+        self.tls, self.auth = tls, auth
         self.processes: dict[str, subprocess.Popen] = {}
         self.superlink_port: int | None = None
 
@@ -192,6 +198,8 @@ class Flower:
                 *self._tls_args(server=True)]
         if simulation:
             argv.append("--simulation")
+        if self.auth is not None:
+            argv.append("--enable-supernode-auth")
         self.start("superlink", argv)
         self.wait_port(port, "superlink")
         self.superlink_port = port
@@ -202,17 +210,30 @@ class Flower:
             connection["root-certificates"] = str(self.tls.ca)
         (self.home / "config.toml").write_text(tomli_w.dumps(
             {"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+        if self.auth is not None:
+            for key in self.auth.keys:
+                self.register(key)
         return port
 
-    def start_supernode(self, index: int, count: int, node_config: dict[str, Any] | None = None) -> str:
-        """SuperNode ``index`` of ``count``; extra ``node_config`` keys (data-dir, worker-socket, ...)."""
+    def register(self, key: NodeKey) -> None:
+        """Register a SuperNode's public key with the SuperLink (Control API), under the key's name."""
+        self.flwr(["supernode", "register", str(key.public), CONNECTION, "--name", key.name],
+                  name=f"register-{key.name}", timeout=120)
+
+    def start_supernode(self, index: int, count: int, node_config: dict[str, Any] | None = None,
+                        private_key: Path | None = None) -> str:
+        """SuperNode ``index`` of ``count``; extra ``node_config`` keys (data-dir, worker-socket, ...); it signs
+        with ``private_key`` (default: node ``index``'s key when authentication is on)."""
+        if private_key is None and self.auth is not None and index < len(self.auth.keys):
+            private_key = self.auth.keys[index].private
         assert self.superlink_port is not None, "start the SuperLink first"
         settings = {"partition-id": index, "num-partitions": count, **(node_config or {})}
         text = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
         name = f"supernode-{index}"
         self.start(name, [command("flower-supernode"), "--superlink", f"127.0.0.1:{self.superlink_port}",
                           "--port", str(free_port()), "--node-config", text, "--max-retries", "20",
-                          *self._tls_args(server=False)])
+                          *self._tls_args(server=False),
+                          *(["--auth-supernode-private-key", str(private_key)] if private_key else [])])
         return name
 
     def start_worker(self, index: int) -> Path:
@@ -269,7 +290,8 @@ class Flower:
         run_config = self.workdir / "run-config.toml"
         run_config.write_text(tomli_w.dumps({"meerkat-config": to_toml(cfg), "set": "", "out": str(out),
                                              "round-timeout": float(round_timeout), "node-wait": float(node_wait),
-                                             "resume": bool(resume), "stop-after": int(stop_after or 0)}))
+                                             "resume": bool(resume), "stop-after": int(stop_after or 0),
+                                             "node-map": read_node_map_file(self.auth.node_map) if self.auth else ""}))
         rounds_bar = bar(cfg.fed.rounds, "flower", "round", progress)
         try:
             self.flwr(["run", str(app), CONNECTION, "--stream", "--run-config", str(run_config)], name="flwr-run",
@@ -298,13 +320,16 @@ def run_simulation(cfg: Config, out: str | Path, workdir: str | Path, *, timeout
 
 
 def run_deployment(cfg: Config, out: str | Path, workdir: str | Path, *, nodes: int | None = None,
-                   tls: Tls | None = None, workers: bool = True, timeout: float | None = None,
-                   round_timeout: float = 300.0, resume: bool = False, stop_after: int | None = None,
-                   progress: Progress = False) -> dict[str, Any]:
+                   tls: Tls | None = None, auth: NodeAuth | None = None, workers: bool = True,
+                   timeout: float | None = None, round_timeout: float = 300.0, resume: bool = False,
+                   stop_after: int | None = None, progress: Progress = False) -> dict[str, Any]:
     """One Meerkat run on a loopback deployment: a SuperLink and ``nodes`` SuperNodes (default: one per
-    client), each with a persistent node worker unless ``workers`` is False."""
+    client), each with a persistent node worker unless ``workers`` is False; ``auth`` (with ``tls``) registers
+    node i's key pair ``auth.keys[i]`` and binds it to its clients in ``auth.node_map``."""
     nodes = nodes or cfg.fed.num_clients
-    with Flower(workdir, tls=tls) as flower:
+    if auth is not None and len(auth.keys) < nodes:
+        raise ConfigError(f"{nodes} nodes but {len(auth.keys)} node keys")
+    with Flower(workdir, tls=tls, auth=auth) as flower:
         flower.start_superlink()
         for index in range(nodes):
             flower.start_supernode(index, nodes, node_settings(cfg, flower.start_worker(index) if workers else None))

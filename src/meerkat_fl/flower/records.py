@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, RecordDict
 RECORD = "meerkat"
 CONFIG_KEY = "config"
 STATE_CONFIG = "meerkat.config"
+NO_HANDSHAKE = "no handshake: this node does not know the run's config"  # a restarted node's first reply
 
 
 def plan_key(client_id: int) -> str:
@@ -52,6 +53,12 @@ def read_updates(content: RecordDict, expected: list[int]) -> dict[int, bytes | 
         value = values.get(update_key(cid))
         out[cid] = value if isinstance(value, bytes) else None
     return out
+
+
+def answered_clients(content: RecordDict) -> list[str]:
+    """The client ids a reply holds updates for, as written (``update.<id>`` keys; not necessarily numbers)."""
+    record = content.get(RECORD) if hasattr(content, "get") else None
+    return [key.split(".", 1)[1] for key in (record.keys() if record is not None else ()) if key.startswith("update.")]
 
 
 def client_state_record(state: dict) -> ConfigRecord:
