@@ -7,8 +7,9 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from meerkat_fl.errors import MeerkatError
 
@@ -42,7 +43,9 @@ def cmd_mask(args: argparse.Namespace) -> int:
     from meerkat_fl.config import Config, MaskConfig, resolve_environment
     from meerkat_fl.masks import save_mask
     from meerkat_fl.models import load_model
+    from meerkat_fl.paths import output_file
 
+    output_file(args.out, "--out")
     cfg = Config(mask=MaskConfig(
         kind=args.kind, density=args.density, scope=args.scope, selection=args.selection,
         calibration=args.calibration, calibration_sequences=args.sequences, calibration_seq_len=args.seq_len,
@@ -60,11 +63,11 @@ def cmd_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from meerkat_fl.config import load
     from meerkat_fl.finetune import finetune
+    from meerkat_fl.run import resume_config
 
     if args.resume:
-        cfg = load(Path(args.resume) / "config.toml")
+        cfg = resume_config(args.resume)
         summary = finetune(cfg, args.resume, resume=True, progress=_progress(args))
     else:
         shortcuts = [f"{k}={v}" for k, v in (
@@ -98,21 +101,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from meerkat_fl.build import build_model
     from meerkat_fl.patch import export_merged, load_patch
+    from meerkat_fl.paths import output_folder
 
+    output_folder(args.out, "--out", overwrite=args.overwrite)  # before loading anything
     cfg = _config(args, [f"model.source={args.model}"] if args.model else [])
-    loaded = build_model(cfg)
     patch = load_patch(args.patch)
-    out = export_merged(loaded.model, loaded.tokenizer, patch, loaded.fingerprint, args.out)
+    loaded = build_model(cfg)
+    out = export_merged(loaded.model, loaded.tokenizer, patch, loaded.fingerprint, args.out, overwrite=args.overwrite)
     print(f"wrote {out}: {cfg.model.source} with the {patch.mask.kind} patch {args.patch} merged in")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from meerkat_fl.config import load
     from meerkat_fl.fed.simulate import simulate
+    from meerkat_fl.run import resume_config
 
     if args.resume:
-        cfg = load(Path(args.resume) / "config.toml")
+        cfg = resume_config(args.resume)
         summary = simulate(cfg, args.resume, resume=True, progress=_progress(args))
         out = Path(args.resume)
     else:
@@ -143,8 +148,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         if args.config is None:
             raise SystemExit("meerkat tune: give a CONFIG.toml or --resume DIR")
+        from meerkat_fl.paths import output_folder
+
         base, grid = _config(args), parse_grid(args.grid) if args.grid else None
-        out = Path(args.out) if args.out else _default_out("tune", base)
+        out = output_folder(args.out, "--out", overwrite=True) if args.out else _default_out("tune", base)
     runner = None
     if args.finetune:
         from meerkat_fl.finetune import finetune as runner
@@ -165,8 +172,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from meerkat_fl.paths import output_file
     from meerkat_fl.report import comparison_table, plot_runs
 
+    output_file(args.out, "--out")
     out = plot_runs(args.runs, args.out, title=args.title)
     print(comparison_table(args.runs))
     print(f"plot: {out}")
@@ -179,7 +188,10 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from meerkat_fl.build import build_task, subsample
     from meerkat_fl.fed.simulate import partition_for
     from meerkat_fl.partition import format_histogram, save_partition
+    from meerkat_fl.paths import output_file
 
+    if args.out:
+        output_file(args.out, "--out")
     cfg = _config(args, [f"{k}={v}" for k, v in (
         ("task.name", args.task), ("fed.partition", args.scheme), ("fed.num_clients", args.clients),
         ("fed.alpha", args.alpha), ("fed.num_extreme", args.extreme), ("fed.labels_per_client", args.labels_per_client),
@@ -201,6 +213,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     import tempfile
 
     from meerkat_fl.flower import launch
+    from meerkat_fl.paths import output_folder
 
     if args.flower_command == "worker":
         from meerkat_fl.flower.worker import serve
@@ -210,6 +223,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
     if args.flower_command == "certs":
         from meerkat_fl.flower.tls import make_certificates
 
+        output_folder(args.dir, "certificate folder", overwrite=True)
         tls = make_certificates(args.dir, tuple(args.host or ("127.0.0.1", "localhost")))
         print(f"wrote {tls.ca}, {tls.cert}, {tls.key}")
         if args.nodes:
@@ -223,17 +237,18 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
         raise ConfigError("flower deploy --auth needs --tls: Flower authenticates SuperNodes over TLS only")
     if args.resume:
-        from meerkat_fl import config
+        from meerkat_fl.run import resume_config
 
         if args.config or args.set:
             raise SystemExit("meerkat flower: --resume DIR takes its config from DIR/config.toml (no CONFIG/--set)")
         out = Path(args.resume)
-        cfg = config.validate(config.resolve_environment(config.load(out / "config.toml")))
+        cfg = resume_config(out)
     else:
         cfg = _config(args)
         default = _default_out("run", cfg)
         out = Path(args.out) if args.out else default.with_name(f"flower-{default.name}")
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="meerkat-flower-"))
+    workdir = (output_folder(args.workdir, "--workdir", overwrite=True) if args.workdir
+               else Path(tempfile.mkdtemp(prefix="meerkat-flower-")))
     print(f"Flower work folder (state, logs): {workdir}", file=sys.stderr)
     more = {"resume": bool(args.resume), "stop_after": args.stop_after, "progress": _progress(args)}
     if args.flower_command == "sim":
@@ -257,13 +272,37 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def cmd_gradip(args: argparse.Namespace) -> int:
+    from meerkat_fl.paths import output_file
     from meerkat_fl.report import detection_table, gradip_analysis, plot_gradip
 
     analysis = gradip_analysis(args.run)
-    out = plot_gradip(analysis, args.out or Path(args.run) / "gradip.png", title=args.title)
+    out = output_file(args.out or Path(args.run) / "gradip.png", "--out")
+    out = plot_gradip(analysis, out, title=args.title)
     print(detection_table(analysis))
     print(f"plot: {out}")
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage is a --help away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` number in [low, high] (NaN and inf are outside every range)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}")
+        return value
+
+    return parse
 
 
 def _add_config_args(p: argparse.ArgumentParser, config_positional: bool = False) -> None:
@@ -276,7 +315,10 @@ def _add_config_args(p: argparse.ArgumentParser, config_positional: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meerkat", description=__doc__)
+    from meerkat_fl.config_checks import MAX_CLIENTS
+    from meerkat_fl.fed.messages import MAX_ROUND
+
+    parser = _Parser(prog="meerkat", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -317,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--model", help="the base model the patch was trained on (default: model.source)")
     p.add_argument("--patch", required=True), p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it is not empty")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="a federated run from a TOML config (in-process simulator)")
@@ -372,13 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(q, config_positional=True)
         q.add_argument("--out", help="run folder (default runs/flower-<method>-<task>-<time>)")
         q.add_argument("--workdir", help="Flower state and logs (default: a new temporary folder)")
-        q.add_argument("--round-timeout", type=float, default=300.0, help="seconds before a silent node is dropped")
+        q.add_argument("--round-timeout", type=_number(float, 1.0, 7 * 86400.0), default=300.0,
+                       help="seconds before a silent node is dropped")
         q.add_argument("--resume", metavar="DIR", help="continue a Flower run folder from its last checkpoint")
-        q.add_argument("--stop-after", type=int, metavar="N", help="end after N rounds (continue with --resume)")
+        q.add_argument("--stop-after", type=_number(int, 1, MAX_ROUND), metavar="N",
+                       help="end after N rounds (continue with --resume)")
         q.add_argument("--quiet", action="store_true", help=QUIET)
         q.set_defaults(func=cmd_flower)
         if name == "deploy":
-            q.add_argument("--nodes", type=int, help="SuperNodes (default: one per client)")
+            q.add_argument("--nodes", type=_number(int, 1, MAX_CLIENTS), help="SuperNodes (default: one per client)")
             q.add_argument("--tls", action="store_true", help="secure SuperLink with generated self-signed certs")
             q.add_argument("--auth", action="store_true",
                            help="with --tls: only registered SuperNodes join, each bound to its clients")
@@ -395,14 +440,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str) -> int:
+    print(f"meerkat: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except MeerkatError as exc:
-        print(f"meerkat: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
+    except OSError as exc:  # a path the user named that a check above did not foresee: say which, no traceback
+        return _fail(f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc))
+    except UnicodeDecodeError as exc:
+        return _fail(f"a file that should be UTF-8 text is not ({exc.reason} at byte {exc.start})")
     except KeyboardInterrupt:
         print("meerkat: interrupted; the run folder keeps its last checkpoint (resume with --resume)", file=sys.stderr)
         return 130

@@ -11,13 +11,14 @@ from typing import Any
 
 from meerkat_fl.config import Config, flatten
 from meerkat_fl.errors import ConfigError
-from meerkat_fl.fed.messages import MAX_POOL_SIZE
+from meerkat_fl.fed.messages import MAX_POOL_SIZE, MAX_ROUND
 from meerkat_fl.fed.seedpool import SAMPLINGS
 from meerkat_fl.fed.strategies import strategy_names
 from meerkat_fl.fed.strategies.fedmezo import SIGNALS as FEDMEZO_SIGNALS
 from meerkat_fl.local import FO_OPTIMIZERS
 from meerkat_fl.masks import FILE_KINDS
 from meerkat_fl.methods import method_names
+from meerkat_fl.models import DEVICE_PATTERN
 from meerkat_fl.vp import CONTROLS as VP_CONTROLS
 
 # Allowed values; those of methods, strategies, mask kinds, samplings, signals and controls are defined by the
@@ -51,8 +52,31 @@ POSITIVE = {
     "fed.alpha", "run.checkpoint_every", "fed.labels_per_client", "vp.calibration_steps", "vp.recheck_every",
     "lora.rank", "lora.alpha", "fedkseed.pro_clip", "fed.clip_factor", "fed.max_abs_scalar",
 }
-NON_NEGATIVE = {"zo.lr", "fo.lr", "train.steps", "train.eval_every", "run.eval_every", "fed.num_extreme", "vp.quiet_factor"}
+NON_NEGATIVE = {"zo.lr", "fo.lr", "train.steps", "train.eval_every", "run.eval_every", "fed.num_extreme",
+                "vp.quiet_factor", "vp.rho_later", "vp.rho_quiet", "fedmezo.lr_scale", "run.seed", "mask.seed"}
+# Optional keys (None = unset, the task's or the data's own size) that, when set, must be >= 1.
+POSITIVE_OR_NONE = {"task.train_size", "task.eval_size", "task.max_prompt_length", "task.max_response_length",
+                    "task.max_new_tokens", "fed.sample_count"}
 
+# [choice] Upper bounds on the keys that drive memory (or must fit the wire format), so that a typo fails at
+# once instead of allocating without limit (zo.batch_size = 100000 took 8.8 GB in 30 s). Each is far above
+# any setting the paper or its baselines use (batch 16, 64-512 tokens, 10-100 clients, T = 10-200, K = 4096);
+# raise one here if a real run needs it. README, "Configuration" lists them.
+MAX_BATCH = 4096  # examples in one forward pass
+MAX_TOKENS = 32768  # tokens per example, prompt, response or generation
+MAX_CLIENTS = 10_000  # simulated clients: each holds a partition, a state and a reply per round
+MAX_STEPS = 10_000  # local steps (seeds and scalars per client and round) or GradIP calibration steps
+MAX_SEED = 2**63 - 1  # seeds travel as int64
+LIMITS: dict[str, int] = {
+    "zo.batch_size": MAX_BATCH, "task.eval_batch_size": MAX_BATCH, "mask.calibration_batch_size": MAX_BATCH,
+    "task.max_length": MAX_TOKENS, "task.max_prompt_length": MAX_TOKENS, "task.max_response_length": MAX_TOKENS,
+    "task.max_new_tokens": MAX_TOKENS, "mask.calibration_seq_len": MAX_TOKENS,
+    "mask.calibration_sequences": 65_536,
+    "fed.num_clients": MAX_CLIENTS, "fed.local_steps": MAX_STEPS, "vp.calibration_steps": MAX_STEPS,
+    "train.steps": 1_000_000,  # centralised steps: their seeds are drawn up front (MeZO runs 20k-100k)
+    "fed.rounds": MAX_ROUND, "fedkseed.pool_size": MAX_POOL_SIZE, "lora.rank": 4096,
+    "run.seed": MAX_SEED, "mask.seed": MAX_SEED,
+}
 
 
 def validate(cfg: Config) -> Config:
@@ -70,15 +94,21 @@ def validate(cfg: Config) -> Config:
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
+    for key in POSITIVE_OR_NONE:
+        if flat[key] is not None and flat[key] < 1:
+            raise ConfigError(f"{key}: must be >= 1 or none, got {flat[key]!r}")
+    for key, limit in LIMITS.items():
+        if flat[key] is not None and flat[key] > limit:
+            raise ConfigError(f"{key} = {flat[key]} exceeds the limit {limit} (the bounds on memory-driving keys: "
+                              "README, Configuration)")
+    if not DEVICE_PATTERN.fullmatch(cfg.model.device):
+        raise ConfigError(f"model.device: expected cpu, cuda, cuda:N or mps, got {cfg.model.device!r}")
     if not 0.0 < cfg.mask.density <= 1.0:
         raise ConfigError(f"mask.density: must be in (0, 1], got {cfg.mask.density!r}")
     if not 0.0 < cfg.fed.sample_fraction <= 1.0:
         raise ConfigError(f"fed.sample_fraction: must be in (0, 1], got {cfg.fed.sample_fraction!r}")
-    if cfg.fed.sample_count is not None and not 1 <= cfg.fed.sample_count <= cfg.fed.num_clients:
+    if cfg.fed.sample_count is not None and cfg.fed.sample_count > cfg.fed.num_clients:
         raise ConfigError(f"fed.sample_count: must be in [1, fed.num_clients], got {cfg.fed.sample_count}")
-    for key in ("task.train_size", "task.eval_size"):
-        if flat[key] is not None and flat[key] < 1:
-            raise ConfigError(f"{key}: must be >= 1 or none, got {flat[key]!r}")
     _validate_vp(cfg)
     _validate_lora(cfg)
     _validate_fedkseed(cfg)
@@ -101,10 +131,9 @@ def _validate_lora(cfg: Config) -> None:
 
 
 def _validate_fedkseed(cfg: Config) -> None:
-    """The pool size fits the wire format's positions; the pool downlink and Pro sampling need a pool."""
-    if not 0 <= cfg.fedkseed.pool_size <= MAX_POOL_SIZE:
-        raise ConfigError(f"fedkseed.pool_size: must be in [0, {MAX_POOL_SIZE}] (0 = no pool), "
-                          f"got {cfg.fedkseed.pool_size}")
+    """The pool downlink and Pro sampling need a pool (its upper bound, the wire format's, is in LIMITS)."""
+    if cfg.fedkseed.pool_size < 0:
+        raise ConfigError(f"fedkseed.pool_size: must be >= 0 (0 = no pool), got {cfg.fedkseed.pool_size}")
     if cfg.fedkseed.pool_size == 0 and cfg.fed.downlink == "pool":
         raise ConfigError("fed.downlink=pool needs a seed pool: set fedkseed.pool_size (the paper uses 4096)")
     if cfg.fedkseed.pool_size == 0 and cfg.fedkseed.sampling != "uniform":

@@ -286,7 +286,7 @@ def read_safetensors(path: str | Path, expected_format: str) -> tuple[dict[str, 
     """Tensors and metadata of a meerkat safetensors file; MaskMismatch names the file on any problem."""
     path = Path(path)
     if not path.is_file():
-        raise MaskMismatch(f"{path}: no such file")
+        raise MaskMismatch(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
     try:
         tensors = load_file(str(path))
         from safetensors import safe_open

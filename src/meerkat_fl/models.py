@@ -41,7 +41,7 @@ _DTYPES = {
     "fp16": torch.float16,
     "float16": torch.float16,
 }
-_DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")  # model.device (config_checks too)
 _HASH_SIDECAR = "gguf-sha256.json"
 
 
@@ -173,7 +173,7 @@ def _parse_dtype(dtype: str) -> torch.dtype:
 
 
 def _parse_device(device: str) -> torch.device:
-    if not _DEVICE_PATTERN.fullmatch(device):
+    if not DEVICE_PATTERN.fullmatch(device):
         raise ConfigError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or mps")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from meerkat_fl.errors import MaskMismatch
 from meerkat_fl.lora import inject_lora, lora_settings
 from meerkat_fl.masks import Mask, mask_from_tensors, mask_tensors, read_safetensors
+from meerkat_fl.paths import output_folder
 from meerkat_fl.zo import MaskedParams
 
 PATCH_FORMAT = "meerkat-patch/1"
@@ -94,11 +95,13 @@ def merge_patch(model: torch.nn.Module, patch: Patch, fingerprint: str) -> torch
     return wrapper.merge_and_unload()
 
 
-def export_merged(model: torch.nn.Module, tokenizer, patch: Patch, fingerprint: str, out: str | Path) -> Path:
+def export_merged(model: torch.nn.Module, tokenizer, patch: Patch, fingerprint: str, out: str | Path, *,
+                  overwrite: bool = False) -> Path:
     """Save the base model with the patch merged in as a Hugging Face model folder (``save_pretrained``),
-    loadable by ``meerkat eval --model DIR`` or any transformers code."""
+    loadable by ``meerkat eval --model DIR`` or any transformers code. ``out`` must be new or empty unless
+    ``overwrite`` (then files of the same names are replaced; ConfigError otherwise)."""
+    out = output_folder(out, "export folder", overwrite=overwrite)
     merged = merge_patch(model, patch, fingerprint)
-    out = Path(out)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from meerkat_fl.errors import ConfigError
+from meerkat_fl.errors import ConfigError, DataError
 from meerkat_fl.rundir import EVAL, FINAL, ZERO_SHOT, RunDir, primary_metric, read_metric
 
 
@@ -20,6 +20,10 @@ def _save(fig, out: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def load_run(path: str | Path) -> tuple[str, list[dict[str, Any]], dict[str, Any]]:
@@ -37,6 +41,9 @@ def load_run(path: str | Path) -> tuple[str, list[dict[str, Any]], dict[str, Any
     if "primary_metric" not in summary:
         task = None if "task" in summary else _config_task(run)
         summary["primary_metric"] = primary_metric(summary, task)
+    if not isinstance(summary["primary_metric"], str):
+        raise DataError(f"{path}: summary.json's primary_metric must be a metric name, got "
+                        f"{summary['primary_metric']!r}: the file is damaged")
     label = summary.get("method", run.path.name)
     return label, run.read_metrics(), summary
 
@@ -61,12 +68,12 @@ def plot_runs(paths: Sequence[str | Path], out: str | Path, title: str | None = 
         metric = summary["primary_metric"]
         shown.add(metric)
         zero = read_metric(summary, ZERO_SHOT, metric)
-        rounds, bytes_, scores = ([0], [1.0], [zero]) if zero is not None else ([], [], [])
+        rounds, bytes_, scores = ([0], [1.0], [zero]) if _is_number(zero) else ([], [], [])
         cumulative = 0
         for row in rows:
             cumulative += row.get("bytes_up", 0) + row.get("bytes_down", 0)
             score = read_metric(row, EVAL, metric)
-            if score is not None:
+            if score is not None and "round" in row:  # the reader checked both are numbers
                 rounds.append(row["round"])
                 bytes_.append(max(cumulative, 1))
                 scores.append(score)
@@ -90,7 +97,7 @@ def comparison_table(paths: Sequence[str | Path]) -> str:
              "|---|---|---|---|---|---|---|"]
     for path in paths:
         label, _, s = load_run(path)
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)
+        fmt = lambda v, spec: format(v, spec) if _is_number(v) else "-"
         metric = s["primary_metric"]
         lines.append(f"| {label} | {metric} | {fmt(read_metric(s, ZERO_SHOT, metric), '.3f')} "
                      f"| {fmt(read_metric(s, FINAL, metric), '.3f')} "
@@ -119,7 +126,10 @@ def gradip_analysis(path: str | Path) -> dict[str, Any]:
     vp = cfg.vp
     settings = DetectionSettings.from_vp(vp)
     kinds = load_partition(run.path / "partition.json").kinds
-    trajectories = trajectories_from_records(run.read_metrics(GRADIP_LOG))
+    try:
+        trajectories = trajectories_from_records(run.read_metrics(GRADIP_LOG))
+    except (KeyError, TypeError, ValueError) as exc:  # a line without its fields, or with fields of other types
+        raise DataError(f"{run.path / GRADIP_LOG}: damaged ({type(exc).__name__}: {exc})") from None
     rows = run.read_metrics()
     stopped = rows[-1].get("vp_stopped") if rows and "vp_stopped" in rows[-1] else None
     clients = []

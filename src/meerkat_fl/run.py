@@ -29,6 +29,20 @@ RUN_FILES = ("config.toml", "metrics.jsonl", CHECKPOINT, "summary.json", ZERO_SH
              "gradip.jsonl", "partition.json", "partition.txt", "environment.json", "tensorboard")
 
 
+def resume_config(out: str | Path) -> Config:
+    """The config of the run in ``out`` for ``--resume``: its config.toml, with settings that default from the
+    environment resolved as a new run's are (``config.resolve_environment``: $MEERKAT_DATA_DIR, the data shipped
+    in the package), and validated."""
+    from meerkat_fl import config
+
+    path = Path(out)
+    if not path.is_dir():
+        raise ConfigError(f"--resume {path}: not a run folder ({'a file' if path.exists() else 'no such folder'})")
+    if not (path / "config.toml").is_file():
+        raise ConfigError(f"--resume {path}: not a run folder (no config.toml)")
+    return config.validate(config.resolve_environment(config.load(path / "config.toml")))
+
+
 def open_run(out: str | Path, cfg: Config, *, resume: bool, overwrite: bool = False) -> RunDir:
     """The run folder to write: an existing run to resume, or a fresh one (``overwrite`` clears an old run)."""
     path = Path(out)

@@ -83,6 +83,20 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+# The fields readers compute with (resume compares rounds, plots add bytes and draw metrics): a line where one
+# has another type is damaged, and says so here rather than as a TypeError in the reader.
+_COUNTERS = ("round", "step", "bytes_up", "bytes_down")
+
+
+def _check_row(row: dict[str, Any], where: str) -> None:
+    for key in _COUNTERS:
+        if key in row and (type(row[key]) is not int or row[key] < 0):
+            raise DataError(f"{where}: {key} must be an integer >= 0, got {row[key]!r}; the file is damaged")
+    for key, value in row.items():
+        if key.startswith(EVAL + "/") and value is not None and type(value) not in (int, float):
+            raise DataError(f"{where}: {key} must be a number, got {value!r}; the file is damaged")
+
+
 class RunDir:
     """One run's folder. ``tensorboard``: metrics.jsonl is mirrored into ``tensorboard/`` once
     ``start_tensorboard`` is called (the run shell does, after aligning metrics.jsonl with the checkpoint)."""
@@ -146,6 +160,8 @@ class RunDir:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): the file is damaged") from None
+        except OSError as exc:
+            raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         lines = text.split("\n")
         rows = []
         for number, line in enumerate(lines, start=1):
@@ -160,6 +176,7 @@ class RunDir:
                                 "only an unfinished last line)") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{number}: a metrics line must be a JSON object")
+            _check_row(row, f"{path}:{number}")
             rows.append(row)
         return rows
 
@@ -171,8 +188,16 @@ class RunDir:
     def write_json(self, name: str, data: Any) -> None:
         _atomic_write(self.path / name, (json.dumps(json_safe(data), indent=2) + "\n").encode())
 
-    def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text(encoding="utf-8"))
+    def read_json(self, name: str) -> dict[str, Any]:
+        """A JSON object written by ``write_json``; DataError naming the file when it is damaged."""
+        path = self.path / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: cannot be read as JSON ({exc}): the file is damaged") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}: the file is damaged")
+        return data
 
     def save_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()} or {"empty": torch.zeros(0)}

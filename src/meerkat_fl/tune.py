@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 
 from meerkat_fl import config
 from meerkat_fl.config import Config
-from meerkat_fl.errors import ConfigError
+from meerkat_fl.errors import ConfigError, DataError
 from meerkat_fl.progress import Progress, bar
 from meerkat_fl.rundir import FINAL, ZERO_SHOT, RunDir, primary_metric, read_metric
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 # [choice] x{1/4, 1/2, 1, 2, 4} around the centre: the paper grid (BENCHMARKS.md) found a method's stable lr
 # within a factor of a few of its preset, and that lr shrinks with density, so the centre is what moves.
 DEFAULT_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+MAX_POINTS = 1000  # [choice] a grid's points, each a whole run: a bound on a typo, not on a real sweep
 # A point's score: its run's primary metric (e.g. accuracy) at the end, on the validation split held out of the
 # training data, which every point is forced onto.
 VALIDATION: dict[str, Any] = {"task.eval_split": "validation"}
@@ -181,6 +183,9 @@ def tune(
     grid = {key: list(values) for key, values in (grid or default_grid(base)).items()}
     if not grid or not all(grid.values()):
         raise ConfigError("tune: the grid is empty; give --grid section.key=value,value,...")
+    if math.prod(len(values) for values in grid.values()) > MAX_POINTS:
+        raise ConfigError(f"tune: the grid has {math.prod(len(v) for v in grid.values())} points, more than the "
+                          f"limit {MAX_POINTS} (each point is a whole run)")
     points = grid_points(grid)
     configs = [point_config(base, point) for point in points]  # every point is checked before any runs
     out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +235,10 @@ def table(results: Sequence[PointResult]) -> str:
 def load_sweep(out: str | Path) -> tuple[Config, dict[str, list[Any]]]:
     """The base config and grid a sweep folder was started with (to resume it)."""
     out = Path(out)
-    if not (out / "base.toml").exists() or not (out / "grid.json").exists():
+    if not (out / "base.toml").is_file() or not (out / "grid.json").is_file():
         raise ConfigError(f"{out} is not a sweep folder (no base.toml and grid.json)")
-    return config.load(out / "base.toml"), RunDir(out).read_json("grid.json")
+    grid = RunDir(out).read_json("grid.json")
+    if not all(isinstance(values, list) for values in grid.values()):
+        raise DataError(f"{out / 'grid.json'}: each key must map to a list of values: the file is damaged")
+    # Settings that default from the environment resolve as a new sweep's do (as `run --resume` does).
+    return config.validate(config.resolve_environment(config.load(out / "base.toml"))), grid
