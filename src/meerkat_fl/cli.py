@@ -7,10 +7,10 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
 
+from meerkat_fl import argtypes
 from meerkat_fl.errors import MeerkatError
 
 QUIET = "no progress bar (without it: a bar on stderr when stderr is a terminal)"
@@ -283,28 +283,6 @@ def cmd_gradip(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (the usage is a --help away)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _number(kind: type, low: float, high: float) -> Callable[[str], Any]:
-    """An argparse type: a ``kind`` number in [low, high] (NaN and inf are outside every range)."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}")
-        return value
-
-    return parse
-
-
 def _add_config_args(p: argparse.ArgumentParser, config_positional: bool = False) -> None:
     if config_positional:
         p.add_argument("config", nargs="?", help="TOML config file")
@@ -315,10 +293,7 @@ def _add_config_args(p: argparse.ArgumentParser, config_positional: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from meerkat_fl.config_checks import MAX_CLIENTS
-    from meerkat_fl.fed.messages import MAX_ROUND
-
-    parser = _Parser(prog="meerkat", description=__doc__)
+    parser = argtypes.Parser(prog="meerkat", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -415,15 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(q, config_positional=True)
         q.add_argument("--out", help="run folder (default runs/flower-<method>-<task>-<time>)")
         q.add_argument("--workdir", help="Flower state and logs (default: a new temporary folder)")
-        q.add_argument("--round-timeout", type=_number(float, 1.0, 7 * 86400.0), default=300.0,
+        q.add_argument("--round-timeout", type=argtypes.number(float, 1.0, 7 * 86400.0), default=300.0,
                        help="seconds before a silent node is dropped")
         q.add_argument("--resume", metavar="DIR", help="continue a Flower run folder from its last checkpoint")
-        q.add_argument("--stop-after", type=_number(int, 1, MAX_ROUND), metavar="N",
+        q.add_argument("--stop-after", type=argtypes.number(int, 1, argtypes.max_round), metavar="N",
                        help="end after N rounds (continue with --resume)")
         q.add_argument("--quiet", action="store_true", help=QUIET)
         q.set_defaults(func=cmd_flower)
         if name == "deploy":
-            q.add_argument("--nodes", type=_number(int, 1, MAX_CLIENTS), help="SuperNodes (default: one per client)")
+            q.add_argument("--nodes", type=argtypes.number(int, 1, argtypes.max_clients), help="SuperNodes (default: one per client)")
             q.add_argument("--tls", action="store_true", help="secure SuperLink with generated self-signed certs")
             q.add_argument("--auth", action="store_true",
                            help="with --tls: only registered SuperNodes join, each bound to its clients")

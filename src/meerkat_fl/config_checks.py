@@ -53,7 +53,9 @@ POSITIVE = {
     "lora.rank", "lora.alpha", "fedkseed.pro_clip", "fed.clip_factor", "fed.max_abs_scalar",
 }
 NON_NEGATIVE = {"zo.lr", "fo.lr", "train.steps", "train.eval_every", "run.eval_every", "fed.num_extreme",
-                "vp.quiet_factor", "vp.rho_later", "vp.rho_quiet", "fedmezo.lr_scale", "run.seed", "mask.seed"}
+                "vp.quiet_factor", "vp.rho_later", "vp.rho_quiet", "fedmezo.lr_scale", "run.seed", "mask.seed",
+                "fedkseed.pool_size"}
+FRACTIONS = {"mask.density", "fed.sample_fraction"}  # in (0, 1]
 # Optional keys (None = unset, the task's or the data's own size) that, when set, must be >= 1.
 POSITIVE_OR_NONE = {"task.train_size", "task.eval_size", "task.max_prompt_length", "task.max_response_length",
                     "task.max_new_tokens", "fed.sample_count"}
@@ -88,13 +90,13 @@ def validate(cfg: Config) -> Config:
     for key, value in flat.items():  # NaN passes every range check below; inf trains nothing
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    for key in POSITIVE:
+    for key in sorted(POSITIVE):
         if not flat[key] > 0:
             raise ConfigError(f"{key}: must be > 0, got {flat[key]!r}")
-    for key in NON_NEGATIVE:
+    for key in sorted(NON_NEGATIVE):
         if flat[key] < 0:
             raise ConfigError(f"{key}: must be >= 0, got {flat[key]!r}")
-    for key in POSITIVE_OR_NONE:
+    for key in sorted(POSITIVE_OR_NONE):
         if flat[key] is not None and flat[key] < 1:
             raise ConfigError(f"{key}: must be >= 1 or none, got {flat[key]!r}")
     for key, limit in LIMITS.items():
@@ -103,10 +105,9 @@ def validate(cfg: Config) -> Config:
                               "README, Configuration)")
     if not DEVICE_PATTERN.fullmatch(cfg.model.device):
         raise ConfigError(f"model.device: expected cpu, cuda, cuda:N or mps, got {cfg.model.device!r}")
-    if not 0.0 < cfg.mask.density <= 1.0:
-        raise ConfigError(f"mask.density: must be in (0, 1], got {cfg.mask.density!r}")
-    if not 0.0 < cfg.fed.sample_fraction <= 1.0:
-        raise ConfigError(f"fed.sample_fraction: must be in (0, 1], got {cfg.fed.sample_fraction!r}")
+    for key in sorted(FRACTIONS):
+        if not 0.0 < flat[key] <= 1.0:
+            raise ConfigError(f"{key}: must be in (0, 1], got {flat[key]!r}")
     if cfg.fed.sample_count is not None and cfg.fed.sample_count > cfg.fed.num_clients:
         raise ConfigError(f"fed.sample_count: must be in [1, fed.num_clients], got {cfg.fed.sample_count}")
     _validate_vp(cfg)
@@ -131,9 +132,7 @@ def _validate_lora(cfg: Config) -> None:
 
 
 def _validate_fedkseed(cfg: Config) -> None:
-    """The pool downlink and Pro sampling need a pool (its upper bound, the wire format's, is in LIMITS)."""
-    if cfg.fedkseed.pool_size < 0:
-        raise ConfigError(f"fedkseed.pool_size: must be >= 0 (0 = no pool), got {cfg.fedkseed.pool_size}")
+    """The pool downlink and Pro sampling need a pool (its size's range is in the tables above)."""
     if cfg.fedkseed.pool_size == 0 and cfg.fed.downlink == "pool":
         raise ConfigError("fed.downlink=pool needs a seed pool: set fedkseed.pool_size (the paper uses 4096)")
     if cfg.fedkseed.pool_size == 0 and cfg.fedkseed.sampling != "uniform":

@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 from multiprocessing.connection import Client as Connect
 from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any
 
-from meerkat_fl.errors import MeerkatError
+from meerkat_fl.errors import ConfigError, MeerkatError
 from meerkat_fl.flower.node import NodeRuntime
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ def key_path(socket_path: str | Path) -> Path:
 def serve(socket_path: str | Path) -> None:
     """Answer fit requests on ``socket_path`` until killed."""
     socket_path = Path(socket_path)
-    socket_path.unlink(missing_ok=True)
+    if socket_path.is_symlink() or socket_path.exists():  # a stale socket of an earlier worker is replaced
+        if not stat.S_ISSOCK(socket_path.lstat().st_mode):
+            raise ConfigError(f"--socket {socket_path}: exists and is not a socket; refusing to replace it")
+        socket_path.unlink()
     key = secrets.token_bytes(32)
     keyfile = key_path(socket_path)
     fd = os.open(keyfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
