@@ -154,6 +154,7 @@ def test_memory_driving_keys_have_a_stated_upper_bound(tmp_path, monkeypatch, ca
     (["flower", "sim", TINY, "--round-timeout", "nan"], ["--round-timeout", "nan"]),
     (["flower", "sim", TINY, "--round-timeout", "inf"], ["--round-timeout", "inf"]),
     (["flower", "sim", TINY, "--stop-after", "0"], ["--stop-after", "0"]),
+    (["flower", "certs", "keys", "--nodes", "-2"], ["--nodes", "-2"]),
     (["partition", "--task", "synthetic", "--clients", "many"], ["--clients", "'many'"]),
     (["run", TINY, "--set", "zo.batch_size"], ["zo.batch_size", "key=value"]),
 ])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from meerkat_fl import argtypes
 from meerkat_fl.errors import MeerkatError
+from meerkat_fl.paths import output_file, output_folder
 
 QUIET = "no progress bar (without it: a bar on stderr when stderr is a terminal)"
 
@@ -43,7 +44,6 @@ def cmd_mask(args: argparse.Namespace) -> int:
     from meerkat_fl.config import Config, MaskConfig, resolve_environment
     from meerkat_fl.masks import save_mask
     from meerkat_fl.models import load_model
-    from meerkat_fl.paths import output_file
 
     output_file(args.out, "--out")
     cfg = Config(mask=MaskConfig(
@@ -101,7 +101,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from meerkat_fl.build import build_model
     from meerkat_fl.patch import export_merged, load_patch
-    from meerkat_fl.paths import output_folder
 
     output_folder(args.out, "--out", overwrite=args.overwrite)  # before loading anything
     cfg = _config(args, [f"model.source={args.model}"] if args.model else [])
@@ -148,8 +147,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         if args.config is None:
             raise SystemExit("meerkat tune: give a CONFIG.toml or --resume DIR")
-        from meerkat_fl.paths import output_folder
-
         base, grid = _config(args), parse_grid(args.grid) if args.grid else None
         out = output_folder(args.out, "--out", overwrite=True) if args.out else _default_out("tune", base)
     runner = None
@@ -172,7 +169,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from meerkat_fl.paths import output_file
     from meerkat_fl.report import comparison_table, plot_runs
 
     output_file(args.out, "--out")
@@ -188,7 +184,6 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from meerkat_fl.build import build_task, subsample
     from meerkat_fl.fed.simulate import partition_for
     from meerkat_fl.partition import format_histogram, save_partition
-    from meerkat_fl.paths import output_file
 
     if args.out:
         output_file(args.out, "--out")
@@ -213,7 +208,6 @@ def cmd_flower(args: argparse.Namespace) -> int:
     import tempfile
 
     from meerkat_fl.flower import launch
-    from meerkat_fl.paths import output_folder
 
     if args.flower_command == "worker":
         from meerkat_fl.flower.worker import serve
@@ -272,7 +266,6 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def cmd_gradip(args: argparse.Namespace) -> int:
-    from meerkat_fl.paths import output_file
     from meerkat_fl.report import detection_table, gradip_analysis, plot_gradip
 
     analysis = gradip_analysis(args.run)
@@ -406,8 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="no persistent node worker: each ClientApp process loads the model itself")
     q = flower.add_parser("certs", help="write a self-signed CA and SuperLink certificate (ca.pem, server.pem/key)")
     q.add_argument("dir"), q.add_argument("--host", action="append", help="name or IP in the certificate")
-    q.add_argument("--nodes", type=int, help="also write N SuperNode key pairs (node-<i>.key/.pub) and nodes.toml")
-    q.add_argument("--clients", type=int, help="clients in nodes.toml, node i hosting cid %% N == i (default N)")
+    q.add_argument("--nodes", type=argtypes.number(int, 1, argtypes.max_clients),
+                   help="also write N SuperNode key pairs (node-<i>.key/.pub) and nodes.toml")
+    q.add_argument("--clients", type=argtypes.number(int, 1, argtypes.max_clients),
+                   help="clients in nodes.toml, node i hosting cid %% N == i (default N)")
     q.set_defaults(func=cmd_flower)
     q = flower.add_parser("worker", help="a persistent node worker (keeps the model loaded for a SuperNode)")
     q.add_argument("--socket", required=True, help="Unix socket path; name it in --node-config worker-socket=")
