@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="PNG path (default DIR/gradip.png)"), p.add_argument("--title")
     p.set_defaults(func=cmd_gradip)
 
-    from meerkat_fl.flower.commands import add_parser as add_flower_parser  # here: it imports this module's helpers
+    # imported here, not at the top: flower/commands.py imports this module's helpers
+    from meerkat_fl.flower.commands import add_parser as add_flower_parser
 
     add_flower_parser(sub)
     return parser
