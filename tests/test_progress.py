@@ -173,6 +173,29 @@ def test_eval_and_mask_show_a_bar_on_a_terminal_unless_quiet(tmp_path, capsys, m
     assert "eval:" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["run", "finetune"])
+def test_a_run_building_its_own_mask_shows_the_calibration_bar_unless_quiet(tmp_path, capsys, monkeypatch, command,
+                                                                            calibration_text):
+    from meerkat_fl import build
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    path = tmp_path / "c.toml"
+    path.write_text(config.to_toml(tiny("mask.kind=sensitive", f"mask.calibration={calibration_text}",
+                                         "mask.calibration_sequences=8", "mask.calibration_seq_len=16",
+                                         "fed.rounds=1", "train.steps=1", "run.zero_shot=false")))
+    for name, quiet in (("shown", []), ("quiet", ["--quiet"])):
+        cache = tmp_path / f"cache-{name}"  # an empty mask cache: the run builds the mask itself
+        monkeypatch.setattr(build, "default_cache_dir", lambda cache=cache: cache)
+        argv = [command, *(["--config"] if command == "finetune" else []), str(path), "--out", str(tmp_path / name)]
+        assert cli.main([*argv, *quiet]) == 0
+        err = capsys.readouterr().err
+        assert len(list((cache / "masks").glob("sensitive-*.safetensors"))) == 1  # built here, not loaded
+        if quiet:
+            assert "calibration" not in err
+        else:
+            assert "calibration: 100%" in err  # 8 sequences in batches of 4: 2/2
+
+
 def test_eval_bar_counts_every_test_row(capsys, monkeypatch):
     from meerkat_fl.tasks import base
 

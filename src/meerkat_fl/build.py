@@ -105,24 +105,26 @@ def mask_key(mask_cfg: MaskConfig, fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def obtain_mask(mask_cfg: MaskConfig, loaded: LoadedModel, cache_dir: Path | None = None) -> Mask:
-    """Load ``mask.path`` (checked against the model), or build the mask once and cache it."""
+def obtain_mask(mask_cfg: MaskConfig, loaded: LoadedModel, cache_dir: Path | None = None,
+                progress: Progress = False) -> Mask:
+    """Load ``mask.path`` (checked against the model), or build the mask once and cache it (``progress``: a bar
+    over the calibration batches while building)."""
     if mask_cfg.path is not None:
         return load_mask(mask_cfg.path, loaded.fingerprint)
     cache = (cache_dir or default_cache_dir()) / "masks" / f"{mask_cfg.kind}-{mask_key(mask_cfg, loaded.fingerprint)}.safetensors"
     if cache.exists():
         return load_mask(cache, loaded.fingerprint)
-    mask = make_mask(mask_cfg, loaded)
+    mask = make_mask(mask_cfg, loaded, progress=progress)
     save_mask(mask, cache)
     return mask
 
 
-def obtain_trainable(cfg: Config, loaded: LoadedModel) -> Mask:
+def obtain_trainable(cfg: Config, loaded: LoadedModel, progress: Progress = False) -> Mask:
     """The trainable coordinates a config describes: for ``mask.kind = "lora"``, LoRA adapters injected into
     ``loaded.model`` in place (A drawn from ``run.seed``, so every party builds the same) and the mask over
-    them; otherwise the sparse or dense mask of the base weights (``obtain_mask``)."""
+    them; otherwise the sparse or dense mask of the base weights (``obtain_mask``, with its ``progress``)."""
     if cfg.mask.kind != "lora":
-        return obtain_mask(cfg.mask, loaded)
+        return obtain_mask(cfg.mask, loaded, progress=progress)
     lora = cfg.lora
     return add_lora(loaded.model, fingerprint=loaded.fingerprint, rank=lora.rank, alpha=lora.alpha,
                     targets=lora.targets, seed=cfg.run.seed)
@@ -209,10 +211,11 @@ class ClientSide:
     runtime: ClientRuntime
 
 
-def build_client_side(cfg: Config) -> ClientSide:
+def build_client_side(cfg: Config, progress: Progress = False) -> ClientSide:
+    """``progress``: a bar while a sensitive mask is built (no cached one)."""
     loaded = build_model(cfg)
     data = build_task_data(cfg.task, loaded, cfg.run.seed)
-    mask = obtain_trainable(cfg, loaded)
+    mask = obtain_trainable(cfg, loaded, progress=progress)
     params = MaskedParams(loaded.model, mask, cache_noise=wants_noise_cache(cfg.zo.noise_cache, mask),
                           noise=noise_source(cfg.zo.noise_generator, cfg.zo.noise))
     initial = params.gather()
@@ -223,8 +226,9 @@ def build_client_side(cfg: Config) -> ClientSide:
     return ClientSide(data, partition, params, clients, runtime)
 
 
-def build_federation(cfg: Config) -> Federation:
-    side = build_client_side(cfg)
+def build_federation(cfg: Config, progress: Progress = False) -> Federation:
+    """``progress``: as ``build_client_side``'s."""
+    side = build_client_side(cfg, progress)
     data, partition, params, clients, runtime = side.data, side.partition, side.params, side.clients, side.runtime
     mask, initial = params.mask, runtime.initial_values
     pool = None

@@ -1,6 +1,7 @@
 """The config's rules: allowed values (defined by the registries that own them), ranges, bounds on keys that
 drive memory, cross-key checks, and the method's resolution (``methods.resolve``). ``config.validate`` calls
-``validate`` here; split from config.py, which keeps the dataclasses, TOML and the override grammar.
+``validate`` here; split from config.py, which keeps TOML and the override grammar (the dataclasses:
+config_schema.py).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from typing import Any
 
 from meerkat_fl import config
 from meerkat_fl.fed.simulate import simulate
+from meerkat_fl.progress import Progress
 from meerkat_fl.report import comparison_table, plot_runs
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
@@ -14,7 +15,7 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 FULL_FEDZO = ["mask.kind=dense", "zo.lr=2e-6"]
 
 
-def run_demo(out: str | Path, overrides: list[str] = (), progress: bool = True) -> dict[str, Any]:
+def run_demo(out: str | Path, overrides: list[str] = (), progress: Progress = True) -> dict[str, Any]:
     """Run both methods into ``out/meerkat`` and ``out/full_fedzo``; write ``out/demo.png`` and a table."""
     out = Path(out)
     base = config.validate(config.resolve_environment(config.load(DEMO_CONFIG, list(overrides))))

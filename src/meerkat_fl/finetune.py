@@ -34,7 +34,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: Pr
     run = shell.open_run(out, cfg, resume=resume, overwrite=overwrite)
     loaded = build_model(cfg)
     data = build_task_data(cfg.task, loaded, cfg.run.seed)
-    mask = obtain_trainable(cfg, loaded)
+    mask = obtain_trainable(cfg, loaded, progress)
     noise = noise_source(cfg.zo.noise_generator, cfg.zo.noise)
     params = MaskedParams(loaded.model, mask, cache_noise=wants_noise_cache(cfg.zo.noise_cache, mask), noise=noise)
     values = params.gather()

@@ -73,7 +73,7 @@ def simulate(
     """
     started = time.perf_counter()
     run = shell.open_run(out, cfg, resume=resume, overwrite=overwrite)
-    fed = build_federation(cfg)
+    fed = build_federation(cfg, progress)
     if on_built is not None:
         on_built(fed)
     transport = transport or InProcessTransport(fed.clients, fed.runtime)
