@@ -13,6 +13,8 @@ and a path drawn with one source is never replayed with another (``check_noise``
   measured in ``benchmarks/zo_step.py`` [choice: so it is opt-in, ``zo.noise_generator=philox``].
 
 Kinds: ``gaussian`` (N(0, 1), the paper's) or ``rademacher`` (±1 with equal odds, SPSA's original).
+``philox/rademacher`` adds its noise to large tensors in one fused, compiled pass (``add_noise``,
+``noise_fused.py``) with the same bits as drawing z: that is what brings a dense step near two forwards.
 
 A source also owns the update's arithmetic (``add_scaled``): ``torch_cpu`` keeps the historical
 ``add_(z, alpha=c)`` (bit-compatible with old runs); ``philox`` rounds ``c * z`` and then the sum, two
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from meerkat_fl import philox
+from meerkat_fl import noise_fused, philox
 from meerkat_fl.errors import ConfigError
 
 NOISE_KINDS = ("gaussian", "rademacher")
@@ -51,10 +53,14 @@ def segment_seed(seed: int, position: int) -> int:
 
 @dataclass(frozen=True)
 class NoiseSource:
-    """How z is drawn from a seed; ``segment`` streams one tensor, ``draw`` fills a whole (small) mask."""
+    """How z is drawn from a seed; ``segment`` streams one tensor, ``draw`` fills a whole (small) mask.
+
+    ``fused=False`` turns off the fused path of ``add_noise`` (same bits either way: for tests and benchmarks).
+    """
 
     generator: str = DEFAULT_GENERATOR
     kind: str = "gaussian"
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.generator not in NOISE_GENERATORS:
@@ -117,6 +123,17 @@ class NoiseSource:
             batch.append(position)
         flush()
         return out
+
+    def fuses(self, size: int) -> bool:
+        """Whether ``add_noise`` serves a segment of ``size`` values: Philox Rademacher on a large tensor."""
+        return self.fused and self.generator == "philox" and self.kind == "rademacher" and size >= noise_fused.FUSE_MIN
+
+    def add_noise(
+        self, out: torch.Tensor, values: torch.Tensor, seed: int, position: int, coefficient: float
+    ) -> None:
+        """``out = values + coefficient * z`` for segment ``position`` of ``seed``, in one pass where ``fuses``
+        (1-D contiguous float32; ``out`` may be ``values``): the bits of ``add_scaled`` with a drawn z."""
+        noise_fused.add_rademacher(out, values, segment_seed(seed, position), coefficient)
 
     def add_scaled(self, target: torch.Tensor, z: torch.Tensor, coefficient: float) -> None:
         """``target += coefficient * z`` in place, with this source's rounding (see the module doc)."""

@@ -11,7 +11,8 @@ canonical tensor order. A segment is never larger than one tensor's masked value
 (full-parameter) ZO never holds a full-size noise vector: it streams one tensor at a time. The source is
 passed explicitly (held by ``MaskedParams``, an argument of ``apply_step`` and ``replay``): no global.
 
-A step draws the same noise three times (+eps, -eps, update). ``MaskedParams(cache_noise=True)`` keeps the
+A step draws the same noise three times (+eps, -eps, update); where the source ``fuses`` a tensor (Philox
+Rademacher, ``noise_fused.py``) each draw is one compiled pass that adds z without materialising it. ``MaskedParams(cache_noise=True)`` keeps the
 current seed's segments instead (one mask-sized float32 buffer): the same values, so bit-identical results,
 at a third of the generation cost. ``zo.noise_cache="auto"`` turns it on for sparse masks (a few hundred KB)
 and LoRA adapters (a few MB), and off for dense masks of the base weights, where it would add a model-sized
@@ -128,6 +129,9 @@ class MaskedParams:
             flat = self.noise.draw(seed, self.mask.sizes, values.device)
         for i, sl, tensor, idx in self.segments():
             segment = values[sl]
+            if perturb and flat is None and idx is None and self.noise.fuses(segment.numel()):
+                fused_write(tensor, segment, self.noise, seed, i, scale)
+                continue
             if perturb:
                 z = flat[sl] if flat is not None else self.segment_noise(seed, i, segment.numel(), segment.device)
                 # fl(fl(scale * z) + segment), as ``segment + scale * z``, with one temporary, not two
@@ -185,9 +189,25 @@ def apply_step(
     draw = noise_fn or noise.segment
     offset = 0
     for i, n in enumerate(mask.sizes):
-        noise.add_scaled(values[offset : offset + n], draw(seed, i, n, values.device), coefficient)
+        target = values[offset : offset + n]
+        if noise.fuses(n):  # one pass, no z tensor; the same bits as the line below
+            noise.add_noise(target, target, seed, i, coefficient)
+        else:
+            noise.add_scaled(target, draw(seed, i, n, values.device), coefficient)
         offset += n
     return values
+
+
+def fused_write(tensor: torch.Tensor, segment: torch.Tensor, noise: NoiseSource, seed: int, position: int,
+                scale: float) -> None:
+    """Write ``segment + scale * z`` into the whole of ``tensor`` by ``noise.add_noise`` (straight into a
+    float32 tensor; through a float32 temporary and one cast otherwise, as ``MaskedParams.write`` casts)."""
+    if tensor.dtype == torch.float32 and tensor.is_contiguous():
+        noise.add_noise(tensor.view(-1), segment, seed, position, scale)
+        return
+    perturbed = torch.empty_like(segment)
+    noise.add_noise(perturbed, segment, seed, position, scale)
+    tensor.copy_(perturbed.view_as(tensor))
 
 
 def replay(
