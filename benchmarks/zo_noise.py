@@ -1,4 +1,5 @@
-"""Noise measurements for ``zo_step.py``: generator throughput, MeZO's reference step, server replay.
+"""Noise measurements for ``zo_step.py``: generator throughput, MeZO's reference step, server replay, and
+the dense step with Philox Rademacher noise added in one fused compiled pass (``noise_fused.py``).
 
 Imported by ``zo_step.py`` (same process, same model and batch); not a script of its own.
 """
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from meerkat_fl import noise_fused
 from meerkat_fl.masks import Mask
 from meerkat_fl.noise import NoiseSource
 from meerkat_fl.zo import replay
@@ -42,6 +44,15 @@ def noise_throughput(size: int = 1 << 22, threads: tuple[int, ...] = (1, 2), rep
                 source.segment(1, 0, 1 << 16)  # warm-up
                 best = statistics.median(_seconds(lambda s=source: s.segment(7, 0, size)) for _ in range(reps))
                 out[name][str(count)] = size / best
+        # the fused pass adds z instead of returning it: values + c * z into a preallocated tensor, compiled
+        values, target = torch.zeros(size), torch.zeros(size)
+        out["philox/rademacher fused add"] = {}
+        for count in threads:
+            torch.set_num_threads(count)
+            noise_fused.add_rademacher(target, values, 1, 1e-3)  # warm-up (and compile, once per thread count)
+            best = statistics.median(
+                _seconds(lambda: noise_fused.add_rademacher(target, values, 7, 1e-3)) for _ in range(reps))
+            out["philox/rademacher fused add"][str(count)] = size / best
     finally:
         torch.set_num_threads(before)
     return out
@@ -86,6 +97,28 @@ def replay_seconds(values: torch.Tensor, mask: Mask, source: NoiseSource, steps:
     return _seconds(lambda: replay(values, mask, path, lr, noise=source))
 
 
+def fused_phase(work, reps: int, warmup: int, *, paired: Callable, lr: float) -> dict:
+    """The dense step with ``philox/rademacher`` (fused where a tensor has FUSE_MIN values or more) paired
+    with two forwards; the first step, which compiles the kernels, is timed apart and kept out of the ratio;
+    then the server's replay of a dense 10-step path with the same noise, over one forward."""
+    params, values = work.bind("dense", SOURCES["philox/rademacher"])
+    first_step_s = _seconds(lambda: work.step(params, values))  # compiles (inductor caches on disk)
+    forward_s, step_s, ratios = paired(work.two_forward, lambda: work.step(params, values), reps, warmup)
+    one_forward = statistics.median(_seconds(work.loss_fn) for _ in range(3))
+    replay_s = replay_seconds(values, params.mask, params.noise, REPLAY_STEPS, lr)
+    return {
+        "dense_fused_step_s": statistics.median(step_s),
+        "dense_fused_over_two_forward": statistics.median(ratios),
+        "dense_fused_first_step_s": first_step_s,
+        "dense_fused_compile_s": first_step_s - statistics.median(step_s),  # about: the first step less a step
+        "dense_fused_compiled": noise_fused.compile_failed() is None,  # False: the eager fallback was timed
+        "dense_fused_tensors": sum(params.noise.fuses(n) for n in params.mask.sizes),
+        "dense_tensors": len(params.mask.sizes),
+        "dense_fused_replay_over_one_forward": replay_s / one_forward,
+        "dense_fused_samples": {"two_forward_s": forward_s, "step_s": step_s, "ratios": ratios},
+    }
+
+
 def noise_phases(work, sparse, dense, reps: int, warmup: int, *, paired: Callable, eps: float, lr: float) -> dict:
     """The noise generators' phases (issue 18), paired with two forwards like the others: sparse at 8 x 33
     tokens, sparse and dense with Philox, MeZO's reference dense step, server replay, raw throughput."""
@@ -101,8 +134,10 @@ def noise_phases(work, sparse, dense, reps: int, warmup: int, *, paired: Callabl
     philox_sparse = work.bind("sparse", SOURCES["philox/gaussian"])
     _, _, ratios = paired(work.two_forward, lambda: work.step(*philox_sparse), reps, warmup)
     out["sparse_philox_over_two_forward"] = statistics.median(ratios)
-    dense_steps = {}
-    for name in ("philox/gaussian", "philox/rademacher", "torch_cpu/rademacher"):
+    out.update(fused_phase(work, reps, warmup, paired=paired, lr=lr))
+    dense_steps = {"philox/rademacher": {"step_s": out["dense_fused_step_s"],
+                                         "over_two_forward": out["dense_fused_over_two_forward"]}}
+    for name in ("philox/gaussian", "torch_cpu/rademacher"):
         bound = work.bind("dense", SOURCES[name])
         forward_s, step_s, ratios = paired(work.two_forward, lambda b=bound: work.step(*b), slow, 0)
         dense_steps[name] = {"step_s": statistics.median(step_s), "over_two_forward": statistics.median(ratios),
@@ -131,9 +166,19 @@ def noise_rows(r: dict) -> list[tuple[str, str, str]]:
             ("sparse step, philox/gaussian", "", f"{r['sparse_philox_over_two_forward']:.3f}")]
     for name, d in r["dense_by_noise"].items():
         rows.append((f"dense step, {name}", f"{d['step_s']:.3f} s", f"{d['over_two_forward']:.3f}"))
+    rows += fused_rows(r)
     rows.append(("dense step, MeZO reference (4 draws)", f"{r['mezo_reference_step_s']:.3f} s",
                  f"{r['mezo_reference_over_two_forward']:.3f}"))
     for name, d in r["dense_replay"].items():
         rows.append((f"replay {REPLAY_STEPS} dense steps, {name}", f"{d['seconds_per_step'] * REPLAY_STEPS:.2f} s",
                      f"{d[f'{REPLAY_STEPS}_step_path_over_one_forward']:.1f} fwd"))
     return rows
+
+
+def fused_rows(r: dict) -> list[tuple[str, str, str]]:
+    """The table rows of ``fused_phase``."""
+    how = "compiled" if r["dense_fused_compiled"] else "EAGER FALLBACK"
+    return [(f"  fused, {how}: {r['dense_fused_tensors']}/{r['dense_tensors']} tensors", f"{r['dense_fused_step_s']:.3f} s",
+             f"{r['dense_fused_over_two_forward']:.3f}"),
+            ("  its first step (compiles)", f"{r['dense_fused_first_step_s']:.2f} s", ""),
+            (f"  replay {REPLAY_STEPS} dense steps, fused", "", f"{r['dense_fused_replay_over_one_forward']:.1f} fwd")]

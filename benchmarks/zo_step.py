@@ -15,6 +15,8 @@ The label scorer is timed against a plain forward (full-vocabulary logits at eve
 same way: the scorer before issue 13 (final hidden state @ the label words' lm_head rows, by hand) and the
 current one (the model's own forward with ``logits_to_keep`` at the answer position, then the label
 columns). ``--only-scorers`` runs just that comparison (a minute) and writes benchmarks/results/scorer_cost.json.
+``--only-dense`` runs the dense steps only (two forwards, the default dense step, the fused Philox Rademacher
+step and its replay; a few minutes) and writes benchmarks/results/zo_step_dense.json.
 
 Peak memory is measured in a fresh child process per workload (the script re-invokes itself). The lifetime
 peak (``ru_maxrss``) is set by model loading (~2x the steady RSS), not by the workload, so after load and a
@@ -41,7 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from zo_noise import noise_phases, noise_rows
+from zo_noise import fused_phase, fused_rows, noise_phases, noise_rows
 
 from meerkat_fl import memory
 from meerkat_fl.errors import MeerkatError
@@ -65,7 +67,8 @@ PEAK_WORKLOADS = {
     "dense_cached": "dense_cached_step_peak",
 }
 GOALS = {"sparse_over_two_forward": 1.05, "sparse_short_over_two_forward": 1.05,
-         "sparse_step_peak_over_inference": 1.10, "dense_philox_over_two_forward": 1.5}
+         "sparse_step_peak_over_inference": 1.10, "dense_philox_over_two_forward": 1.5,
+         "dense_fused_over_two_forward": 1.5}
 
 
 def fixed_batch(tokenizer, data_dir: Path, seq_len: int = SEQ_LEN) -> tuple[Batch, str]:
@@ -395,6 +398,8 @@ def main() -> None:
     parser.add_argument("--skip-cold-load", action="store_true", help="skip the ~25 s GGUF conversion")
     parser.add_argument("--only-scorers", action="store_true",
                         help="only time the label scorers (writes benchmarks/results/scorer_cost.json)")
+    parser.add_argument("--only-dense", action="store_true",
+                        help="only the dense steps (writes benchmarks/results/zo_step_dense.json)")
     parser.add_argument("--skip-load", action="store_true", help="skip the load timings (warm and cold)")
     parser.add_argument("--measure-peak", choices=list(PEAK_WORKLOADS), help=argparse.SUPPRESS)
     parser.add_argument("--measure-load", action="store_true", help=argparse.SUPPRESS)
@@ -417,6 +422,9 @@ def main() -> None:
         print(f"wrote {out}")
         return
 
+    if args.only_dense:
+        dense_only(args)
+        return
     result, sparse_mask = time_steps(args.data_dir, args.reps, args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--data-dir", str(args.data_dir), "--mask", str(save_mask(sparse_mask, Path(tmp) / "m.st"))]
@@ -465,6 +473,37 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.json}")
+
+
+def dense_only(args: argparse.Namespace) -> None:
+    """Two forwards against themselves, the default dense step (torch_cpu Gaussian, drawn 3 times) and the
+    fused Philox Rademacher step, each paired with two forwards in this one process."""
+    work = Workloads(args.data_dir)
+    dense = work.bind("dense")
+    _, _, control = paired(work.two_forward, work.two_forward, args.reps, args.warmup)
+    forward_s, dense_s, ratios = paired(work.two_forward, lambda: work.step(*dense), args.reps, args.warmup)
+    result = {"two_forward_s": statistics.median(forward_s), "control_two_forward_ratio": statistics.median(control),
+              "dense_step_s": statistics.median(dense_s), "dense_over_two_forward": statistics.median(ratios),
+              "dense_samples": {"two_forward_s": forward_s, "step_s": dense_s, "ratios": ratios, "control": control},
+              **fused_phase(work, args.reps, args.warmup, paired=paired, lr=LR)}
+    result["goals"] = {"dense_fused_over_two_forward": {
+        "goal": GOALS["dense_fused_over_two_forward"], "value": result["dense_fused_over_two_forward"],
+        "met": result["dense_fused_over_two_forward"] <= GOALS["dense_fused_over_two_forward"]}}
+    result.update(model=MODEL, batch=f"{BATCH_SIZE}x{SEQ_LEN}", dtype="float32", threads=torch.get_num_threads(),
+                  reps=args.reps, torch_version=torch.__version__, batch_source=work.batch_source,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    print(f"SmolLM2-135M dense steps, float32 CPU, batch {result['batch']}, {result['threads']} threads, "
+          f"medians of {args.reps} paired ratios")
+    rows = [("two forwards (inference)", f"{result['two_forward_s']:.3f} s", "1.000"),
+            ("  A/A control", "", f"{result['control_two_forward_ratio']:.3f}"),
+            ("dense step, torch_cpu/gaussian", f"{result['dense_step_s']:.3f} s",
+             f"{result['dense_over_two_forward']:.3f}"),
+            ("dense step, philox/rademacher", "", ""), *fused_rows(result)]
+    for label, value, extra in rows:
+        print(f"{label:44} {value:>10} {extra:>12}")
+    out = REPO / "benchmarks" / "results" / "zo_step_dense.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 def cpu_model() -> str:

@@ -51,9 +51,9 @@ def test_eager_fused_pass_equals_the_reference_across_chunks_and_tails(eager, mo
 def test_the_kernels_run_eagerly_give_the_reference_bits():
     key, size = segment_seed(3, 4), 64 * 128
     values = torch.randn(size, generator=torch.Generator().manual_seed(2))
-    words = noise_fused.chunk_words(torch.tensor(key & 0xFFFFFFFF), torch.tensor(key >> 32), torch.tensor(0), 64)
-    out = torch.empty(size // 32, 32)
-    noise_fused.add_signs(out, values.view(-1, 32), words, torch.tensor(-7e-4))
+    out = torch.empty(size // 32, 32)  # the function torch.compile compiles, run as plain torch
+    noise_fused.add_chunk(out, values.view(-1, 32), torch.tensor(key & 0xFFFFFFFF), torch.tensor(key >> 32),
+                          torch.tensor(0), torch.tensor(-7e-4, dtype=torch.float32))
     assert np.array_equal(bits(out.view(-1)), bits(reference(values, key, -7e-4)))
 
 

@@ -2,8 +2,8 @@
 
 Why. A dense ZO step adds noise to every parameter three times (+eps, -eps, update). The eager path draws z
 as a float32 tensor (~10 integer ops over each Philox block, then 32 shifts per word), scales it and adds it:
-several memory passes per draw. Here one compiled kernel computes a chunk's Philox words (4 per 128
-coordinates: a cache-resident 1/32 of the chunk) and a second reads each value once, picks ``+c`` or ``-c``
+several memory passes per draw. Here one compiled function per chunk computes the chunk's Philox words (4
+per 128 coordinates: a cache-resident 1/32 of the chunk), then reads each value once, picks ``+c`` or ``-c``
 from its bit and writes the sum: one pass over the values per draw.
 
 Same bits on every path and device. ``c * (±1)`` is exact, so every path computes ``fl(v ± fl32(c))``, one
@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 WORD_VALUES = 32  # coordinates per 32-bit word; a block of 4 words covers 128
 BLOCK = philox.BLOCK_VALUES["rademacher"]
-# Coordinates per kernel call: a multiple of BLOCK whose words (CHUNK / 32 int64, 1 MB) stay in L2 between the
-# two kernels, and few enough calls (~32 for SmolLM2-135M) that their Python overhead is noise.
+# Coordinates per compiled call: a multiple of BLOCK whose words (CHUNK / 32 int64, 1 MB) stay in L2 between
+# the function's two loops. A call costs ~0.1 ms of Python and guards (measured), one per tensor below CHUNK.
 CHUNK = 1 << 22
-FUSE_MIN = 1 << 20  # smaller tensors take the eager path: same bits, and a compile would not pay off [choice]
+FUSE_MIN = 1 << 15  # smaller tensors take the eager path: same bits, either costs a fraction of a ms [choice]
 COMPILE_MIN = 1 << 12  # smaller chunks go eager: no recompile for sizes 0 and 1 (dynamo specialises them)
 COMPILE = True  # tests set False to take the eager path without compiling
 EAGER_CHUNK = 1 << 18  # the eager path's chunk, as noise.CHUNK: its int64 temporaries stay in cache
@@ -56,22 +56,26 @@ def add_signs(out: torch.Tensor, values: torch.Tensor, words: torch.Tensor, coef
     out.copy_(values + torch.where(bits == 1, -coefficient, coefficient))
 
 
-KERNELS = {"chunk_words": chunk_words, "add_signs": add_signs}
+def add_chunk(
+    out: torch.Tensor, values: torch.Tensor, key0: torch.Tensor, key1: torch.Tensor, first_block: torch.Tensor,
+    coefficient: torch.Tensor,
+) -> None:
+    """``add_signs`` over [rows, 32] ``values`` whose first row starts block ``first_block``: the function that
+    is compiled (one call per chunk; inductor keeps the words in a buffer of their own, not per value)."""
+    rows = values.shape[0]
+    words = chunk_words(key0, key1, first_block, -(-rows // 4))
+    add_signs(out, values, words[:rows], coefficient)
 
 
-def _compiled_pass(
-    out: torch.Tensor, values: torch.Tensor, rows: int, words_args: tuple, scale: torch.Tensor
-) -> bool:
-    """The first ``32 * rows`` values of a chunk by the two compiled kernels; False if compiling failed."""
+def _compiled_pass(out: torch.Tensor, values: torch.Tensor, *args: torch.Tensor) -> bool:
+    """``add_chunk`` compiled on [rows, 32] views; False if compiling or running it failed."""
     if _failed:
         return False
     try:
-        for name, kernel in KERNELS.items():
-            if name not in _compiled:
-                _compiled[name] = torch.compile(kernel, dynamic=True)
-        words = _compiled["chunk_words"](*words_args)
-        _compiled["add_signs"](out.view(rows, WORD_VALUES), values.view(rows, WORD_VALUES), words[:rows], scale)
-    except Exception as error:  # noqa: BLE001 -- no compiler, no Triton, an inductor bug: the eager path gives the same bits
+        if not _compiled:
+            _compiled["add_chunk"] = torch.compile(add_chunk, dynamic=True)
+        _compiled["add_chunk"](out.view(-1, WORD_VALUES), values.view(-1, WORD_VALUES), *args)
+    except Exception as error:  # noqa: BLE001 -- no compiler, no Triton, an inductor bug: eager gives the same bits
         _failed.append(f"{type(error).__name__}: {error}")
         log.warning("torch.compile of the fused Rademacher noise failed (%s); using the eager path, same bits",
                     str(error).splitlines()[0] if str(error) else type(error).__name__)
@@ -103,9 +107,8 @@ def add_rademacher(
         rows = (stop - start) // WORD_VALUES
         if compiled and COMPILE and stop - start >= COMPILE_MIN:
             first = torch.tensor(start // BLOCK, dtype=torch.int64, device=device)
-            words_args = (key0, key1, first, -(-(stop - start) // BLOCK))
             end = start + rows * WORD_VALUES
-            if _compiled_pass(out[start:end], values[start:end], rows, words_args, scale):
+            if _compiled_pass(out[start:end], values[start:end], key0, key1, first, scale):
                 start = end
         for piece in range(start, stop, EAGER_CHUNK):
             piece_stop = min(piece + EAGER_CHUNK, stop)
