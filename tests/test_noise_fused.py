@@ -12,7 +12,7 @@ from meerkat_fl import noise, noise_fused, noise_reference
 from meerkat_fl.local import DataPointer, local_train
 from meerkat_fl.masks import build_mask
 from meerkat_fl.noise import NoiseSource, segment_seed
-from meerkat_fl.zo import MaskedParams, replay
+from meerkat_fl.zo import MaskedParams, fused_write, replay
 
 FUSED = NoiseSource("philox", "rademacher")
 UNFUSED = NoiseSource("philox", "rademacher", fused=False)
@@ -149,3 +149,12 @@ def test_fused_client_path_equals_the_unfused_one_and_server_replay_is_exact(tin
     assert unfused_path == path and torch.equal(unfused_values, values)  # perturbed writes and updates alike
     for server_noise in (FUSED, UNFUSED):
         assert torch.equal(replay(start, mask, path, 3e-3, noise=server_noise), values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_write_into_a_model_tensor_rounds_as_the_unfused_write(eager, dtype):
+    values = torch.randn(48 * 64, generator=torch.Generator().manual_seed(4))
+    tensor = torch.zeros(48, 64, dtype=dtype)
+    fused_write(tensor, values, FUSED, 9, 2, -1e-2)
+    z = UNFUSED.segment(9, 2, values.numel())
+    assert torch.equal(tensor, (z.mul_(-1e-2).add_(values)).to(dtype).view(48, 64))
