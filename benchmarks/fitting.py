@@ -31,6 +31,7 @@ from meerkat_fl import config
 from meerkat_fl.build import build_model, build_task_data, obtain_trainable
 from meerkat_fl.local import DataPointer, local_train, step_seeds
 from meerkat_fl.noise import noise_source
+from meerkat_fl.report import save_figure
 from meerkat_fl.vp import path_gradip
 from meerkat_fl.zo import MaskedParams
 
@@ -136,10 +137,7 @@ def plot(cells: list[dict[str, Any]], out: Path) -> Path:
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
         axes[0][col].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:

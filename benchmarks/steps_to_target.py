@@ -23,6 +23,7 @@ from typing import Any
 from meerkat_fl import config
 from meerkat_fl.fed.simulate import simulate
 from meerkat_fl.finetune import finetune
+from meerkat_fl.report import save_figure
 from meerkat_fl.rundir import RunDir
 
 RESULTS = Path(__file__).parent / "results"
@@ -101,10 +102,7 @@ def plot(curves: dict[str, list[dict[str, float]]], out: Path) -> Path:
     ax.set_title("SmolLM2-135M, centralised: sparse ZO (Meerkat's mask) vs first order")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:

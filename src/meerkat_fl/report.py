@@ -10,7 +10,7 @@ from meerkat_fl.errors import ConfigError, DataError
 from meerkat_fl.rundir import EVAL, FINAL, ZERO_SHOT, RunDir, primary_metric, read_metric
 
 
-def _save(fig, out: str | Path) -> Path:
+def save_figure(fig, out: str | Path) -> Path:
     """Write a figure as PNG (creating the folder) and release it."""
     import matplotlib.pyplot as plt
 
@@ -88,7 +88,7 @@ def plot_runs(paths: Sequence[str | Path], out: str | Path, title: str | None = 
         ax.legend()
     if title:
         fig.suptitle(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def comparison_table(paths: Sequence[str | Path]) -> str:
@@ -208,4 +208,4 @@ def plot_gradip(analysis: dict[str, Any], out: str | Path, title: str | None = N
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or f"GradIP trajectories ({analysis['method']})")
-    return _save(fig, out)
+    return save_figure(fig, out)
