@@ -105,3 +105,21 @@ def test_cli_run_into_an_existing_run_is_one_line_and_nonzero(tiny_cfg, tmp_path
     assert cli.main(["run", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds a run" in err[0]
+
+
+def test_a_shared_zero_shot_is_copied_with_its_source_and_a_missing_one_is_an_error(tiny_cfg, tmp_path):
+    from meerkat_fl import run as shell
+
+    first = RunDir.create(tmp_path / "first", tiny_cfg)
+    assert shell.begin(first, resumed_round=None, evaluate=lambda: {"accuracy": 0.25}) == {"accuracy": 0.25}
+    second = RunDir.create(tmp_path / "second", tiny_cfg)
+    evaluated = []
+    got = shell.begin(second, resumed_round=None, evaluate=lambda: evaluated.append(1) or {"accuracy": 0.9},
+                      zero_shot_from=first.path)
+    assert got == {"accuracy": 0.25} and not evaluated  # shared, not re-evaluated
+    saved = json.loads((second.path / "zero_shot.json").read_text())
+    assert saved == {"zero_shot/accuracy": 0.25, "copied_from": str(first.path)}
+    empty = RunDir.create(tmp_path / "empty", tiny_cfg)
+    with pytest.raises(ConfigError, match="no zero-shot evaluation to share"):
+        shell.begin(RunDir.create(tmp_path / "third", tiny_cfg), resumed_round=None,
+                    evaluate=lambda: {"accuracy": 0.9}, zero_shot_from=empty.path)

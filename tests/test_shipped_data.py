@@ -97,6 +97,11 @@ def test_demo_config_runs_a_short_round_on_the_shipped_data_alone(tmp_path, monk
         assert 0.0 <= summary["final/accuracy"] <= 1.0 and summary["bytes_total"] > 0
         assert summary["environment"]["versions"]["torch"]
         assert config.load(run / "config.toml").task.data_dir is None
+    # Full-FedZO shares Meerkat's zero-shot evaluation (same model and rows) and its file says so
+    shared = json.loads((tmp_path / "demo" / "full_fedzo" / "zero_shot.json").read_text())
+    own = json.loads((tmp_path / "demo" / "meerkat" / "zero_shot.json").read_text())
+    assert shared.pop("copied_from") == str(tmp_path / "demo" / "meerkat") and shared == own
+    assert result["summaries"]["full_fedzo"]["zero_shot/accuracy"] == own["zero_shot/accuracy"]
     assert result["summaries"]["meerkat"]["mask_kind"] == "sensitive"
     assert result["summaries"]["full_fedzo"]["mask_kind"] == "dense"
     assert Path(result["plot"]).is_file()

@@ -68,11 +68,15 @@ def open_run(out: str | Path, cfg: Config, *, resume: bool, overwrite: bool = Fa
 
 
 def begin(run: RunDir, *, resumed_round: int | None, evaluate: Callable[[], dict[str, float]] | None,
-          step_key: str = "round", logs: tuple[str, ...] = ("metrics.jsonl",)) -> dict[str, float] | None:
+          step_key: str = "round", logs: tuple[str, ...] = ("metrics.jsonl",),
+          zero_shot_from: Path | None = None) -> dict[str, float] | None:
     """Align the logs with the checkpoint and return the zero-shot metrics (evaluated once, then read back).
 
     ``resumed_round``: the round (or step) the loaded checkpoint holds; None when starting from scratch, which
     also drops metric lines a lost earlier attempt left. ``evaluate`` None: no zero-shot evaluation.
+    ``zero_shot_from``: a run folder whose zero-shot evaluation this run shares instead of repeating it (the
+    caller vouches that it is the same model, task, test rows and scorer); copied with ``"copied_from"`` naming
+    that folder, so the file says it was not evaluated here.
     """
     for name in logs:
         run.truncate_metrics(-1 if resumed_round is None else resumed_round, key=step_key, name=name)
@@ -83,6 +87,15 @@ def begin(run: RunDir, *, resumed_round: int | None, evaluate: Callable[[], dict
             return None
         saved = run.read_json(ZERO_SHOT)  # "zero_shot/<name>"; "zero_shot_<name>" in folders from before
         return _metrics(saved, rundir.ZERO_SHOT + "/") or _metrics(saved, "zero_shot_") or None
+    if evaluate is not None and zero_shot_from is not None:
+        source = RunDir(zero_shot_from)
+        saved = source.read_json(ZERO_SHOT) if (source.path / ZERO_SHOT).exists() else {}
+        zero_shot = _metrics(saved, rundir.ZERO_SHOT + "/")
+        if not zero_shot:
+            raise ConfigError(f"{zero_shot_from}: no zero-shot evaluation to share ({ZERO_SHOT} missing or empty)")
+        run.write_json(ZERO_SHOT, {**rundir.prefixed(rundir.ZERO_SHOT, zero_shot),
+                                   "copied_from": str(source.path)})
+        return zero_shot
     zero_shot = evaluate() if evaluate is not None else None
     run.write_json(ZERO_SHOT, rundir.prefixed(rundir.ZERO_SHOT, zero_shot))
     return zero_shot

@@ -31,6 +31,10 @@ class ClientRuntime:
     scorer: Scorer
     train: EncodedSplit
     initial_values: torch.Tensor  # the base model's masked values: every client's starting point
+    # The "values" downlink's landing buffer, reused by every client of this runtime: a round's start is copied
+    # into it rather than into fresh memory (for a dense mask, 538 MB of page faults per client, ~1 s on 2 CPU
+    # cores). Clients run one after another and none keeps its start after ``fit`` returns.
+    sync_buffer: torch.Tensor | None = None
 
 
 class Client:
@@ -65,9 +69,11 @@ class Client:
         check_noise(runtime.params.noise.name, plan.noise, f"{who}: the round plan", MessageRejected)
         if plan.pool_size:
             check_pool_seeds(plan.seeds, self.run_seed, plan.pool_size, who)
+        if plan.values is not None and runtime.sync_buffer is None:
+            runtime.sync_buffer = torch.empty_like(runtime.initial_values)
         values, self.synced = client_sync(plan, self.synced, mask=runtime.params.mask, mask_size=runtime.params.size,
                                           initial=runtime.initial_values, run_seed=self.run_seed, who=who,
-                                          noise=runtime.params.noise)
+                                          noise=runtime.params.noise, buffer=runtime.sync_buffer)
         return values
 
     def fit(self, plan: RoundPlan, runtime: ClientRuntime) -> ClientUpdate:

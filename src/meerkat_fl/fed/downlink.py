@@ -153,10 +153,11 @@ def server_downlink(name: str, client_ids: Iterable[int], seed_pool: SeedPool | 
 
 def client_sync(
     plan: RoundPlan, state: ClientState, *, mask: Mask, mask_size: int, initial: torch.Tensor, run_seed: int,
-    who: str, noise: NoiseSource,
+    who: str, noise: NoiseSource, buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ClientState]:
     """(the round's starting values, the client's new state) from a plan; ``state`` is not modified, so a plan
-    that does not fit is rejected (MessageRejected) before anything changes."""
+    that does not fit is rejected (MessageRejected) before anything changes. ``buffer``: a CPU float32 tensor of
+    the mask's size that a "values" plan's start is copied into (and returned) instead of fresh memory."""
     device = initial.device
     if plan.pool_size and state.pool is not None and state.pool.size != plan.pool_size:
         raise MessageRejected(f"{who} holds a pool of {state.pool.size} seeds, the plan has {plan.pool_size}")
@@ -164,6 +165,10 @@ def client_sync(
     if plan.values is not None:  # "values"
         if plan.values.size != mask_size:
             raise MessageRejected(f"round plan carries {plan.values.size} values, the mask has {mask_size}")
+        if (buffer is not None and buffer.device.type == "cpu" and buffer.dtype == torch.float32
+                and buffer.numel() == mask_size):
+            np.copyto(buffer.numpy(), plan.values)  # dtype float32 both: a plain copy, no cast
+            return buffer.to(device), new
         return torch.from_numpy(plan.values.copy()).to(device), new
     if plan.pool_coefficients is not None:  # "pool": current coefficients of all that changed after synced_round
         if plan.synced_round > state.synced_round:

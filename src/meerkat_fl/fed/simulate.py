@@ -62,7 +62,7 @@ def simulate(
     cfg: Config, out: str | Path, *, resume: bool = False, progress: Progress = True,
     transport: Transport | None = None, stop_after: int | None = None,
     on_built: Callable[[Federation], None] | None = None, overwrite: bool = False,
-    allow_changed: Iterable[str] = (),
+    allow_changed: Iterable[str] = (), zero_shot_from: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg.fed.rounds`` federated rounds; write the run folder; return the summary.
 
@@ -70,6 +70,8 @@ def simulate(
     ``on_built`` sees the federation once it is built (benchmarks reset their memory high-water mark there).
     ``overwrite`` replaces a run already in ``out``; ``allow_changed`` names config keys a resume may change
     (besides ``fed.rounds``; a benchmark continuing one run's prefix as another method).
+    ``zero_shot_from``: a finished run folder of the same model, task and test rows whose zero-shot metrics
+    this run shares rather than evaluating the same model again (``run.begin``; the demo's second method).
     """
     started = time.perf_counter()
     run = shell.open_run(out, cfg, resume=resume, overwrite=overwrite)
@@ -86,7 +88,7 @@ def simulate(
         (run.path / "partition.txt").write_text(format_histogram(fed.data.train_labels, fed.partition) + "\n")
     log_gradip = cfg.vp.log_gradip and fed.params.mask.pretrain_grad is not None  # GradIP, method doc section 4
     zero_shot = shell.begin(run, resumed_round=resumed_round, evaluate=(lambda: evaluate(fed, progress))
-                            if cfg.run.zero_shot else None,
+                            if cfg.run.zero_shot else None, zero_shot_from=zero_shot_from,
                             logs=("metrics.jsonl", GRADIP_LOG) if log_gradip else ("metrics.jsonl",))
     kept = run.read_metrics()  # a resumed run's rounds so far: its bar starts from their eval and bytes
 
