@@ -40,7 +40,7 @@ CELLS = RESULTS / "fitting"
 FIT_LOSS = 0.1  # [choice] mean batch loss of the last 20 steps; p(label) ~ 0.9 under either loss
 DECAY = 3.0  # [choice] early/late mean |GradIP|; Meerkat-vp's default rho_later threshold is of this order
 WINDOW = 50  # steps in the early and in the late GradIP window
-LRS = {"sst2": (2e-4, 5e-4, 1e-3, 2e-3), "agnews": (2e-4, 5e-4, 1e-3, 2e-3)}
+LRS = {"sst2": (2e-4, 5e-4, 1e-3, 2e-3), "ag_news": (2e-4, 5e-4, 1e-3, 2e-3)}
 BASE = ["model.source=smollm2", "mask.kind=sensitive", "mask.density=1e-3", "zo.eps=1e-3", "zo.batch_size=8",
         "task.max_length=48", "task.train_size=4000", "task.eval_size=8", "run.seed=0"]
 
@@ -142,7 +142,7 @@ def plot(cells: list[dict[str, Any]], out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=["sst2", "agnews"], choices=sorted(LRS))
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "ag_news"], choices=sorted(LRS))
     parser.add_argument("--losses", nargs="+", default=["verbalizer", "options"])
     parser.add_argument("--lrs", nargs="+", type=float, help="default: the task's grid in LRS")
     parser.add_argument("--label", type=int, default=0)
