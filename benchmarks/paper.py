@@ -62,7 +62,8 @@ __all__ = ["DENSE_CHECK_LR", "USEFUL_DIFFERENCE", "WORKER_PASS", "Busy", "Cell",
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(grid.TASKS), choices=[*grid.TASKS, *grid.EXTRA_TASKS])
-    parser.add_argument("--claims", nargs="+", default=list(grid.CLAIMS), choices=list(grid.CLAIMS))
+    parser.add_argument("--claims", nargs="+", default=grid.default_claims(),
+                        choices=list(grid.CLAIMS), help=f"opt-in: {', '.join(grid.EXTRA_CLAIMS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(grid.SEEDS))
     parser.add_argument("--report-only", action="store_true", help="no runs: tables and plots from the cache")
     parser.add_argument("--workers", type=int, default=1, help="cell processes in parallel (cores split between)")

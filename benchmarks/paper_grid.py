@@ -87,6 +87,22 @@ SETTINGS = {
     "eps1e-4": ["zo.eps=1e-4"],
     "eps1e-2": ["zo.eps=1e-2"],
 }
+# Claim 2 with drift in it (issue 17, item 3): 100 local steps per sampled client, enough for a one-label client
+# to fit its label (the fitting diagnostic: 25-50 centralised steps at 5e-4, batch 8), at T = 1, 10 and 50
+# (100, 10 and 2 rounds: equal forward passes per client), IID against one label per client and Dirichlet 0.1,
+# evaluated on the whole test split (DRIFT_EVAL_SIZE). New setting names, so no cached cell changes meaning.
+DRIFT_LOCAL_STEPS = 100
+DRIFT_T = (1, 10, 50)
+DRIFT_SKEWS: dict[str, list[str]] = {"iid": ["fed.partition='iid'"], "dirichlet01": ["fed.alpha=0.1"],
+                                     "pathological": PATHOLOGICAL}
+DRIFT_EVAL_SIZE = {"sst2": 872, "ag_news": 1000, "rte": 277}  # SST-2's dev, a fixed-size AG News sample, RTE's dev
+for _t in DRIFT_T:
+    _rounds = DRIFT_LOCAL_STEPS // _t
+    for _skew, _extra in DRIFT_SKEWS.items():
+        SETTINGS[f"drift-T{_t}-{_skew}"] = [*_extra, f"fed.local_steps={_t}", f"fed.rounds={_rounds}",
+                                            f"run.eval_every={max(1, _rounds // 4)}",
+                                            f"run.checkpoint_every={max(1, _rounds // 10)}"]
+DRIFT_SETTINGS = [f"drift-T{t}-{skew}" for t in DRIFT_T for skew in DRIFT_SKEWS]
 EPS_CHECK = {"1e-4": "eps1e-4", "1e-2": "eps1e-2"}  # eps -> setting; 1e-3 (BASE) is the tuning grid's own cell
 # Full-FedZO one x4 step above its grid, on validation only: a check, not a grid point (a new dense lr would
 # re-run six dense test cells, Full-FedZO's and FedMeZO's, ~1.5 h per task on 2 cores)
@@ -105,7 +121,18 @@ CLAIMS: dict[str, tuple[list[str], list[str], str]] = {
           "Meerkat needs orders of magnitude fewer bytes than Full-FedZO for the same accuracy"),
     "6": (["fedmezo", "full_fedzo"], ["base"],
           "FedMeZO's personalised lr helps dense federated ZO (vs a fixed lr)"),
+    "2d": (["meerkat", "full_fedzo"], DRIFT_SETTINGS,
+           ("With drift in it (100 local steps per client), more frequent sync (T=1 vs 10 vs 50) narrows the "
+            "Non-IID vs IID gap, and only the sparse method can afford T=1's bytes")),
 }
+# Claims run only when named (--claims 2d): a plain run and --report-only keep to the finished grid.
+# 2d is about 27 cell-hours on 2 cores (BENCHMARKS.md, "Issue 17"); its cells cache and resume like any other.
+EXTRA_CLAIMS = ("2d",)
+
+
+def default_claims() -> list[str]:
+    """The claims a run without --claims covers: all but the opt-in ones."""
+    return [claim for claim in CLAIMS if claim not in EXTRA_CLAIMS]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +156,9 @@ class Cell:
             extra.append(f"fedmezo.lr_scale={self.lr / 2!r}")
         split = [*(f"{key}={value!r}" for key, value in VALIDATION.items()), "run.zero_shot=false",
                  "run.eval_every=0"] if self.split == "validation" else []
+        whole = [f"task.eval_size={DRIFT_EVAL_SIZE[self.task]}"] if self.setting in DRIFT_SETTINGS else []
         return [*BASE, *TASK_OVERRIDES.get(self.task, []), f"task.name={self.task!r}", *extra,
-                *SETTINGS[self.setting], f"zo.lr={self.lr!r}", f"run.seed={self.seed}", *split]
+                *SETTINGS[self.setting], *whole, f"zo.lr={self.lr!r}", f"run.seed={self.seed}", *split]
 
 
 def task_text(task: str) -> Path:

@@ -125,9 +125,12 @@ def report(data: dict[str, Any], tasks, claims) -> str:
     for claim in claims:
         methods, settings, statement = grid.CLAIMS[claim]
         lines += [f"### Claim {claim}: {statement}", ""]
+        claim_tasks = [t for t in tasks if claim in grid.TASK_CLAIMS.get(t, claims)]
+        if claim == "2d":
+            lines += drift_report(res, claim_tasks, methods, by_seed)
+            continue
         head = ["task"] + [f"{m} {s}" if len(settings) > 1 else m for m in methods for s in settings]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        claim_tasks = [t for t in tasks if claim in grid.TASK_CLAIMS.get(t, claims)]
         for task in claim_tasks:
             zs = next((r["zero_shot"] for r in res.values() if r["task"] == task), [])
             row = [f"{task} (zero-shot {statistics.fmean(zs):.3f})" if zs else task]
@@ -195,6 +198,39 @@ def report(data: dict[str, Any], tasks, claims) -> str:
             lines.append(f"- {task}: Full-FedZO at lr {grid.DENSE_CHECK_LR:g}, above its grid: "
                          f"{'-' if above is None else f'{above:.3f}'} (grid: {data['tuning_grid'][task].get('full_fedzo')})")
     return "\n".join(lines) + "\n"
+
+
+def drift_report(res: dict[str, Any], tasks, methods, by_seed) -> list[str]:
+    """Claim 2d's table (one row per task, method and T: accuracy per partition and the bytes one run moved)
+    and its verdicts: the IID minus Non-IID gap at each T, and whether T=10's and T=50's gaps exceed T=1's."""
+    skews = list(grid.DRIFT_SKEWS)
+    lines = ["| task | method | T | " + " | ".join(skews) + " | bytes per run (up + down) |",
+             "|" + "---|" * (len(skews) + 4)]
+    for task in tasks:
+        for method in methods:
+            for t in grid.DRIFT_T:
+                cells = [res.get(f"{task}/{method}/drift-T{t}-{skew}") for skew in skews]
+                spent = [statistics.fmean(c[-1][1] for c in r["curves"]) for r in cells if r and all(r["curves"])]
+                lines.append(f"| {task} | {method} | {t} | " + " | ".join(fmt(r["accuracy"]) if r else "-" for r in cells)
+                             + f" | {f'{statistics.fmean(spent):,.0f}' if spent else '-'} |")
+    lines.append("")
+    for task in tasks:
+        for method in methods:
+            for skew in skews[1:]:
+                gaps = {}
+                for t in grid.DRIFT_T:
+                    iid = by_seed(task, method, f"drift-T{t}-iid")
+                    gaps[t] = {s: iid[s] - a for s, a in by_seed(task, method, f"drift-T{t}-{skew}").items() if s in iid}
+                if not any(gaps.values()):
+                    continue
+                each = "; ".join(f"T={t}: {fmt(list(g.values()))}" for t, g in gaps.items())
+                lines.append(f"- {task} / {method}: IID minus {skew} gap, {each}")
+                for t in grid.DRIFT_T[1:]:
+                    lines.append(f"- {task} / {method} / {skew}: T={t} gap minus T=1 gap: "
+                                 f"{verdict(list(gaps[t].values()), list(gaps[1].values()))}; "
+                                 f"paired by seed: {paired_verdict(gaps[t], gaps[1])}")
+    lines.append("")
+    return lines
 
 
 def plot(data: dict[str, Any], tasks, out: Path) -> Path | None:

@@ -281,3 +281,30 @@ def test_a_dense_cell_waits_for_the_dense_slot_and_releases_its_own_lock(paper, 
     monkeypatch.setattr(paper.cells, "_run", lambda c, path: ran.append(c) or {"cell": c.key})
     assert paper.run_cell(cell) == {"cell": cell.key} and ran == [cell]
     assert list(paper.grid.LOCKS.iterdir()) == []  # both the cell's lock and the dense slot are released
+
+
+def test_the_drift_claim_is_opt_in_spends_equal_steps_and_reports_each_sync_frequency(paper, monkeypatch):
+    grid = paper.grid
+    assert grid.EXTRA_CLAIMS == ("2d",) and grid.default_claims() == ["1"]  # 2d only when named: --claims 2d
+    for setting in grid.DRIFT_SETTINGS:  # equal forward passes per client at every T; the whole test split
+        cell = paper.Cell("sst2", "meerkat", setting, 5e-4, 0, "test")
+        values = dict(o.split("=", 1) for o in cell.overrides())  # the last value of each key wins, as in config
+        assert int(values["fed.local_steps"]) * int(values["fed.rounds"]) == grid.DRIFT_LOCAL_STEPS
+        assert values["task.eval_size"] == "872"
+    monkeypatch.setattr(grid, "CLAIMS", {"2d": (["meerkat"], grid.DRIFT_SETTINGS, "drift")})
+
+    def fake(cell, run, pending):  # IID at 0.80; each Non-IID cell loses 0.002 per local step between syncs
+        t = int(cell.setting.split("-")[1][1:]) if cell.split == "test" else 1
+        acc = 0.80 - (0.0 if cell.setting.endswith("iid") else 0.002 * t) + 0.01 * cell.seed
+        return {"cell": {"seed": cell.seed}, "curve": [[1, 1e3 * t, acc]], "summary": {
+            "final_eval_accuracy": acc, "zero_shot_accuracy": 0.5, "bytes_up_per_round": 1,
+            "bytes_down_per_round": 1, "wall_seconds": 1.0}}
+
+    monkeypatch.setattr(paper.cells, "fetch", fake)
+    data = paper.collect(["sst2"], ["2d"], [0, 1, 2], run=False)
+    assert len(data["results"]) == len(grid.DRIFT_SETTINGS)
+    text = paper.report(data, ["sst2"], ["2d"])
+    assert "| sst2 | meerkat | 50 | 0.810 ± 0.010 (n=3) | 0.710 ± 0.010 (n=3) | 0.710 ± 0.010 (n=3) | 50,000 |" in text
+    assert "- sst2 / meerkat / pathological: T=50 gap minus T=1 gap: " in text
+    line = next(x for x in text.splitlines() if x.startswith("- sst2 / meerkat / pathological: T=50"))
+    assert "paired by seed: holds (+0.098 ± 0.000" in line  # 0.002 x (50 - 1), identical on every seed

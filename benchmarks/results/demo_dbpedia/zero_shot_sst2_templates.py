@@ -1,8 +1,14 @@
 """Research (issue 16 item 3): zero-shot accuracy of the embedded model on a few task/template pairs."""
-import csv, gzip, json, sys, time
+import csv
+import gzip
+import json
+import sys
+import time
+
 import numpy as np
+
 from meerkat_fl.models import load_model
-from meerkat_fl.tasks import ClassificationData, LabelScorer, encode, label_token_ids, get_task
+from meerkat_fl.tasks import ClassificationData, LabelScorer, encode, get_task
 
 loaded = load_model("smollm2")
 tok = loaded.tokenizer
