@@ -126,7 +126,7 @@ CLAIMS: dict[str, tuple[list[str], list[str], str]] = {
             "Non-IID vs IID gap, and only the sparse method can afford T=1's bytes")),
 }
 # Claims run only when named (--claims 2d): a plain run and --report-only keep to the finished grid.
-# 2d is about 27 cell-hours on 2 cores (BENCHMARKS.md, "Issue 17"); its cells cache and resume like any other.
+# 2d is about 33 cell-hours on 2 cores (BENCHMARKS.md, "Issue 17"); its cells cache and resume like any other.
 EXTRA_CLAIMS = ("2d",)
 
 

@@ -38,8 +38,6 @@ ARMS: dict[str, tuple[str, int, list[str]]] = {
     "zo_verbalizer_5e-4": ("zo", 2000, [*ZO, "task.loss=verbalizer", "zo.lr=5e-4"]),
     "zo_options_5e-4": ("zo", 2000, [*ZO, "task.loss=options", "zo.lr=5e-4"]),
     "zo_verbalizer_2e-4": ("zo", 2000, [*ZO, "task.loss=verbalizer", "zo.lr=2e-4"]),
-    # added after the 5e-4 arm climbed steadily without settling: is a 2x step faster, or unstable?
-    "zo_verbalizer_1e-3": ("zo", 2000, [*ZO, "task.loss=verbalizer", "zo.lr=1e-3"]),
     "first_order": ("fo", 120, [*COMMON, "method=fedavg_fo", "mask.kind=dense", "fo.optimizer=adam", "fo.lr=1e-5",
                                 "fed.num_clients=1", "fed.sample_count=1", "fed.partition=iid",
                                 "fed.local_steps=20", "fed.rounds=6", "run.eval_every=1"]),
