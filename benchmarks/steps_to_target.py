@@ -97,6 +97,7 @@ def plot(curves: dict[str, list[dict[str, float]]], out: Path) -> Path:
                     label=name, lw=2 if name == "first_order" else 1.2)
     ax.axhline(TARGET, color="0.5", ls=":", label=f"target {TARGET}")
     ax.set_xscale("symlog", linthresh=100)
+    ax.set_xlim(0, 1.1 * max(p["forwards"] for points in curves.values() for p in points))
     ax.set_xlabel("forward passes (ZO step = 2, first-order step = 3)")
     ax.set_ylabel("SST-2 dev accuracy (872)")
     ax.set_title("SmolLM2-135M, centralised: sparse ZO (Meerkat's mask) vs first order")
