@@ -11,10 +11,14 @@ runs at its chosen lr on the test rows for each of ``--seeds``. Every cell is a 
 a finished cell (summary.json) is read back, an interrupted one resumes from its checkpoint, so the script can be
 stopped and rerun. The JSON and a plot of ROUGE-L vs round and vs cumulative bytes go to ``--json``/``--plot``.
 
-The defaults are the smallest run that fits a shared 2-core CPU in minutes (see benchmarks/README.md); the
-paper-scale setting is e.g. ``--rounds 20 --local-steps 10 --eval-size 80 --seeds 0 1 2 --lr-factors 0.25 1 4``.
+The defaults are the committed run, sized to finish on an idle 2-core CPU in about 80 minutes (see
+benchmarks/README.md for why): every method of the instruction-tuning issue, 3 rounds of T = 1 on all 10 clients
+(30 ZO steps per run), 64 tokens a row, lr tuned over the preset times 1 and 4, 3 seeds. Each method's cells
+run in turn (tune, then its seeds), so a run cut short leaves whole methods. The table compares every method with
+Meerkat per seed (paired: a seed fixes the partition, the data order and the 16 test rows for every method).
+A larger setting, e.g. ``--rounds 20 --local-steps 10 --max-length 128 --eval-size 80``, takes days here.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/instruct.py --json benchmarks/results/instruct.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/instruct.py
 """
 
 from __future__ import annotations
@@ -27,22 +31,29 @@ import platform
 import statistics
 from pathlib import Path
 
+from paper_report import detectable, paired_difference
+
 from meerkat_fl import config, memory
 from meerkat_fl.fed.simulate import simulate
 from meerkat_fl.methods import get_method, preset_lr
 from meerkat_fl.report import plot_runs
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("meerkat", "full_fedzo")
+# The methods of the instruction-tuning issue, cheapest first (a run cut short keeps whole methods).
+METHODS = ("meerkat", "lora_fedzo", "fedmezo", "fedavg_fo", "full_fedzo", "fedkseed", "fedkseed_pro")
+SUMMARY_KEYS = ("zero_shot/rouge_l", "final/rouge_l", "zero_shot/loss", "final/loss", "bytes_up_per_round",
+                "bytes_down_per_round", "wall_seconds", "peak_rss_mb", "trainable_values")
 
 
 def base_overrides(args: argparse.Namespace) -> list[str]:
+    sampled = [f"fed.sample_count={args.sample_count}"] if args.sample_count else []
     return [
         "model.source=smollm2", "task.name=dolly", f"task.max_length={args.max_length}",
         f"task.max_new_tokens={args.max_new_tokens}", f"task.eval_size={args.eval_size}", "task.eval_batch_size=8",
         f"fed.num_clients={args.clients}", "fed.partition=pathological", "fed.labels_per_client=1",
         f"fed.rounds={args.rounds}", f"fed.local_steps={args.local_steps}", f"zo.batch_size={args.batch_size}",
-        f"run.eval_every={args.rounds}", "run.checkpoint_every=1", f"task.data_dir={args.data_dir!r}",
+        f"run.eval_every={args.eval_every or args.rounds}", "run.checkpoint_every=1",
+        f"task.data_dir={args.data_dir!r}", *sampled,
     ]
 
 
@@ -67,16 +78,75 @@ def method_lr(method: str, factor: float) -> float:
     return preset_lr(spec, spec.density) * factor
 
 
+def tune_and_test(method: str, args: argparse.Namespace, work: Path, base: list[str]) -> tuple[dict, list[dict], list[Path]]:
+    """One method: its lr chosen on the validation split (seed 0, best final ROUGE-L, then lowest loss), then a
+    test cell per seed at that lr."""
+    tried = []
+    for factor in args.lr_factors if len(args.lr_factors) > 1 else []:
+        lr = method_lr(method, factor)
+        summary = run_cell(work / "tune" / f"{method}-lr{lr:.3g}", base + [
+            f"method={method}", f"zo.lr={lr}", "task.eval_split=validation",
+            f"task.validation_size={args.validation_size}", "run.seed=0"])
+        tried.append({"lr": lr, "factor": factor, "validation_rouge_l": summary["final/rouge_l"],
+                      "validation_loss": summary["final/loss"]})
+    best = max(tried, key=lambda t: (t["validation_rouge_l"], -t["validation_loss"])) if tried else None
+    chosen = {"lr": best["lr"] if best else method_lr(method, args.lr_factors[0]), "grid": tried}
+    cells, folders = [], []
+    for seed in args.seeds:
+        out = work / "test" / f"{method}-seed{seed}"
+        summary = run_cell(out, base + [f"method={method}", f"zo.lr={chosen['lr']}", f"run.seed={seed}"])
+        folders.append(out)
+        cells.append({"method": method, "seed": seed, "lr": chosen["lr"], **{k: summary.get(k) for k in SUMMARY_KEYS}})
+    return chosen, cells, folders
+
+
+def paired(cells: list[dict], method: str, reference: str, key) -> str:
+    """method minus reference per seed, mean ± its standard error, and what that allows one to say."""
+    if method == reference:
+        return "reference"
+    by = {m: {c["seed"]: key(c) for c in cells if c["method"] == m} for m in (method, reference)}
+    found = paired_difference(by[method], by[reference])
+    if found is None:
+        return "fewer than 3 shared seeds"
+    diff, se = found
+    word = "higher" if diff > detectable(se) else "lower" if diff < -detectable(se) else "within noise"
+    return f"{diff:+.4f} ± {se:.4f} ({word}; detectable {detectable(se):.4f})"
+
+
+def summarise(cells: list[dict], chosen: dict, methods: list[str]) -> list[dict]:
+    table = []
+    for method in methods:
+        rows = [c for c in cells if c["method"] == method]
+        if not rows:
+            continue
+        gain = [c["final/rouge_l"] - c["zero_shot/rouge_l"] for c in rows]
+        loss = [c["final/loss"] - c["zero_shot/loss"] for c in rows]
+        table.append({
+            "method": method, "lr": chosen[method]["lr"], "seeds": len(rows),
+            "rouge_l_final_mean": statistics.mean(c["final/rouge_l"] for c in rows),
+            "rouge_l_gain_mean": statistics.mean(gain), "rouge_l_gain_sd": statistics.stdev(gain) if len(gain) > 1 else None,
+            "loss_change_mean": statistics.mean(loss), "loss_change_sd": statistics.stdev(loss) if len(loss) > 1 else None,
+            "rouge_l_gain_vs_meerkat": paired(cells, method, "meerkat", lambda c: c["final/rouge_l"] - c["zero_shot/rouge_l"]),
+            "loss_change_vs_meerkat": paired(cells, method, "meerkat", lambda c: c["final/loss"] - c["zero_shot/loss"]),
+            "bytes_up_per_round": rows[0]["bytes_up_per_round"], "bytes_down_per_round": rows[0]["bytes_down_per_round"],
+            "wall_seconds_mean": statistics.mean(c["wall_seconds"] for c in rows),
+            "peak_rss_mb_max": max(c["peak_rss_mb"] or 0 for c in rows),
+        })
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--lr-factors", nargs="+", type=float, default=[1.0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lr-factors", nargs="+", type=float, default=[1.0, 4.0])
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=1)
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--sample-count", type=int, default=None, help="clients per round (default: all)")
+    parser.add_argument("--eval-every", type=int, default=None, help="rounds (default: only at the end)")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--eval-size", type=int, default=16)
     parser.add_argument("--validation-size", type=int, default=16)
@@ -88,45 +158,28 @@ def main() -> None:
     work, base = Path(args.work), base_overrides(args)
 
     chosen: dict[str, dict] = {}
+    cells: list[dict] = []
+    first_seed_folders: list[Path] = []
     for method in args.methods:
-        tried = []
-        for factor in args.lr_factors if len(args.lr_factors) > 1 else []:
-            lr = method_lr(method, factor)
-            summary = run_cell(work / "tune" / f"{method}-lr{lr:.3g}", base + [
-                f"method={method}", f"zo.lr={lr}", "task.eval_split=validation",
-                f"task.validation_size={args.validation_size}", "run.seed=0"])
-            tried.append({"lr": lr, "validation_rouge_l": summary["final/rouge_l"], "validation_loss": summary["final/loss"]})
-        best = max(tried, key=lambda t: (t["validation_rouge_l"], -t["validation_loss"])) if tried else None
-        chosen[method] = {"lr": best["lr"] if best else method_lr(method, args.lr_factors[0]), "grid": tried}
+        chosen[method], method_cells, folders = tune_and_test(method, args, work, base)
+        cells += method_cells
+        first_seed_folders.append(folders[0])
 
-    cells, folders = [], []
-    for method in args.methods:
-        for seed in args.seeds:
-            out = work / "test" / f"{method}-seed{seed}"
-            summary = run_cell(out, base + [f"method={method}", f"zo.lr={chosen[method]['lr']}", f"run.seed={seed}"])
-            folders.append(out)
-            cells.append({"method": method, "seed": seed, "lr": chosen[method]["lr"], **{k: summary.get(k) for k in (
-                "zero_shot/rouge_l", "final/rouge_l", "zero_shot/loss", "final/loss", "bytes_up_per_round",
-                "bytes_down_per_round", "wall_seconds", "peak_rss_mb", "trainable_values")}})
-
-    table = []
-    for method in args.methods:
-        rows = [c for c in cells if c["method"] == method]
-        gain = [c["final/rouge_l"] - c["zero_shot/rouge_l"] for c in rows]
-        table.append({"method": method, "lr": chosen[method]["lr"], "seeds": len(rows),
-                      "rouge_l_gain_mean": statistics.mean(gain),
-                      "rouge_l_gain_sd": statistics.stdev(gain) if len(gain) > 1 else None,
-                      "loss_change_mean": statistics.mean(c["final/loss"] - c["zero_shot/loss"] for c in rows)})
-    print(f"{'method':<12} {'lr':>9} {'zero-shot R-L':>13} {'final R-L':>9} {'loss 0->T':>15} "
+    table = summarise(cells, chosen, args.methods)
+    print(f"{'method':<12} {'lr':>9} {'seed':>4} {'zero-shot R-L':>13} {'final R-L':>9} {'loss 0->T':>15} "
           f"{'up B/rnd':>9} {'down B/rnd':>11} {'wall s':>7} {'peak MB':>8}")
     for c in cells:
-        print(f"{c['method']:<12} {c['lr']:>9.3g} {c['zero_shot/rouge_l']:>13.4f} {c['final/rouge_l']:>9.4f} "
+        print(f"{c['method']:<12} {c['lr']:>9.3g} {c['seed']:>4} {c['zero_shot/rouge_l']:>13.4f} {c['final/rouge_l']:>9.4f} "
               f"{c['zero_shot/loss']:>7.4f}->{c['final/loss']:<7.4f} {c['bytes_up_per_round']:>9.0f} "
               f"{c['bytes_down_per_round']:>11.0f} {c['wall_seconds']:>7.0f} {c['peak_rss_mb'] or 0:>8.0f}")
+    print("\nmethod minus Meerkat, per seed (mean ± SE):")
+    for row in table:
+        print(f"  {row['method']:<12} ROUGE-L gain {row['rouge_l_gain_vs_meerkat']}; "
+              f"loss change {row['loss_change_vs_meerkat']}")
     result = {"setting": vars(args) | {"overrides": base}, "chosen_lr": chosen, "cells": cells, "table": table,
               "date": datetime.date.today().isoformat(), "platform": platform.platform()}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    plot_runs(folders, args.plot, title="Dolly, 10 clients by category: ROUGE-L")
+    plot_runs(first_seed_folders, args.plot, title=f"Dolly, {args.clients} clients by category: ROUGE-L (seed {args.seeds[0]})")
     print(f"wrote {args.json} and {args.plot}")
 
 

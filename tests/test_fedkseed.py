@@ -130,6 +130,31 @@ def test_a_catch_up_needs_at_most_K_noise_generations(tiny_cfg):
     assert torch.equal(fresh.values(fed.runtime.initial_values), fed.server.values)
 
 
+def test_clients_of_one_process_share_a_catch_up_and_draw_its_noise_once(tiny_cfg, monkeypatch):
+    fed = build_federation(pool_cfg(tiny_cfg, "fed.num_clients=4", "fed.rounds=3"))
+    one_round(fed)
+    moves = []
+    real_move = PoolModel.move
+    monkeypatch.setattr(PoolModel, "move", lambda self, *a, **k: moves.append(id(self)) or real_move(self, *a, **k))
+    start = fed.server.values.clone()
+    one_round(fed)  # every client catches up from the same round-1 model with the same message
+    pools = [client.pool for client in fed.clients.values()]
+    assert all(pool is pools[0] for pool in pools)  # one object, not four 8-byte-per-weight copies
+    assert len([m for m in moves if m != id(fed.server.seed_pool.model)]) == 1  # the noise is drawn once
+    assert torch.equal(pools[0].values(fed.runtime.initial_values), start)
+    # the shared result is the one a lone client computes from scratch, bit for bit
+    positions, coefficients = fed.server.seed_pool.catch_up(-1)
+    lone = PoolModel.zeros(K, fed.params.size)
+    real_move(lone, fed.params.mask, pool_seeds(fed.cfg.run.seed, K), np.arange(K) if positions is None else positions,
+              coefficients, noise=fed.params.noise)
+    one_round(fed)
+    assert torch.equal(lone.values(fed.runtime.initial_values), fed.clients[0].pool.values(fed.runtime.initial_values))
+    # a fresh client (no model) never takes a result built from another client's model
+    fresh = seedpool.client_catch_up(None, fed.params.mask, fed.cfg.run.seed, K, positions, coefficients, "cpu",
+                                     noise=fed.params.noise)
+    assert fresh is not fed.clients[0].pool and torch.equal(fresh.accumulator, lone.accumulator)
+
+
 def test_pool_downlink_bytes_are_K_bounded_and_do_not_grow_with_rounds_missed(tiny_cfg):
     cfg = pool_cfg(tiny_cfg, "fed.local_steps=6")
     fed = build_federation(cfg)

@@ -22,6 +22,7 @@ clients; the "pool" downlink sends their current values, not deltas (c + (c' - c
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -252,14 +253,42 @@ class SeedPool:
         self._refresh()
 
 
+# The last catch-ups, shared: (source model or None, key, result). One process that holds many clients (the
+# simulator, Flower's simulation) sends them all the same message from the same synced model; the result is a
+# pure function of the two (the accumulator is an exact integer sum), so the first client's move serves the
+# rest. A dense pool model is 8 bytes per weight (1 GB at 135M): ten clients once held ten copies and drew the
+# round's noise ten times (18 GB peak and 7 s a step in benchmarks/instruct.py). Pool models are never changed
+# in place once built (``move`` runs on fresh clones only), so sharing one object is safe. Both models are held
+# weakly: the cache never keeps a model alive that no client state holds (a deployed client keeps one model).
+_SHARED_CATCH_UPS: list[tuple[weakref.ref | None, tuple, weakref.ref]] = []
+_SHARED_CATCH_UP_SLOTS = 4
+
+
+def _catch_up_key(mask: Mask, run_seed: int, pool_size: int, positions: np.ndarray | None,
+                  coefficients: np.ndarray, device: torch.device | str, noise: NoiseSource) -> tuple:
+    where = None if positions is None else np.asarray(positions, np.int64).tobytes()
+    return (int(run_seed), int(pool_size), tuple(int(n) for n in mask.sizes), str(torch.device(device)), noise.name,
+            where, np.asarray(coefficients, np.float32).tobytes())
+
+
 def client_catch_up(
     model: PoolModel | None, mask: Mask, run_seed: int, pool_size: int, positions: np.ndarray | None,
     coefficients: np.ndarray, device: torch.device | str, *, noise: NoiseSource,
 ) -> PoolModel:
-    """A client's pool model after a "pool" downlink message (a new object; ``model`` is unchanged)."""
+    """A client's pool model after a "pool" downlink message (``model`` is unchanged). The result may be the
+    object another client of this process got from the same model and message: treat it as read-only."""
+    key = _catch_up_key(mask, run_seed, pool_size, positions, coefficients, device, noise)
+    for source, seen, result in _SHARED_CATCH_UPS:
+        shared = result()
+        # a dead source is not "no model": a fresh client (model None) matches only an entry made from None
+        same_source = source is None if model is None else source is not None and source() is model
+        if shared is not None and same_source and seen == key:
+            return shared
     out = model.clone() if model is not None else PoolModel.zeros(pool_size, mask.size, device)
-    positions = np.arange(pool_size) if positions is None else positions
-    out.move(mask, pool_seeds(run_seed, pool_size), positions, coefficients, noise=noise)
+    out.move(mask, pool_seeds(run_seed, pool_size), np.arange(pool_size) if positions is None else positions,
+             coefficients, noise=noise)
+    _SHARED_CATCH_UPS.insert(0, (None if model is None else weakref.ref(model), key, weakref.ref(out)))
+    del _SHARED_CATCH_UPS[_SHARED_CATCH_UP_SLOTS:]
     return out
 
 
