@@ -11,7 +11,7 @@ runs at its chosen lr on the test rows for each of ``--seeds``. Every cell is a 
 a finished cell (summary.json) is read back, an interrupted one resumes from its checkpoint, so the script can be
 stopped and rerun. The JSON and a plot of ROUGE-L vs round and vs cumulative bytes go to ``--json``/``--plot``.
 
-The defaults are the committed run, sized to finish on an idle 2-core CPU in about 80 minutes (see
+The defaults are the committed run, sized to finish on an idle 2-core CPU in about 100 minutes (see
 benchmarks/README.md for why): every method of the instruction-tuning issue, 3 rounds of T = 1 on all 10 clients
 (30 ZO steps per run), 64 tokens a row, lr tuned over the preset times 1 and 4, 3 seeds. Each method's cells
 run in turn (tune, then its seeds), so a run cut short leaves whole methods. The table compares every method with
@@ -60,10 +60,13 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def run_cell(out: Path, overrides: list[str]) -> dict:
-    """The summary of the run in ``out``: read back if finished, resumed if interrupted, else run from scratch."""
+def run_cell(out: Path, overrides: list[str], report_only: bool = False) -> dict | None:
+    """The summary of the run in ``out``: read back if finished, resumed if interrupted, else run from scratch
+    (``report_only``: None for a cell that has not finished)."""
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
+    if report_only:
+        return None
     cfg = config.validate(config.resolve_environment(config.apply_overrides(config.Config(), overrides)))
     marks: dict = {}
 
@@ -81,9 +84,11 @@ def method_lr(method: str, factor: float) -> float:
     return preset_lr(spec, spec.density) * factor
 
 
-def tune_and_test(method: str, args: argparse.Namespace, work: Path, base: list[str]) -> tuple[dict, list[dict], list[Path]]:
+def tune_and_test(method: str, args: argparse.Namespace, work: Path,
+                  base: list[str]) -> tuple[dict | None, list[dict], list[Path]]:
     """One method: its lr chosen on the validation split (seed 0, best final ROUGE-L, then lowest loss), then a
-    test cell per seed at that lr."""
+    test cell per seed at that lr. ``--report-only``: the finished cells only (a method whose tuning has not
+    finished is left out; its unfinished seeds are missing from the table)."""
     own = OWN_SETTING.get(method, {})
     label, base = own.get("label", method), base + [f"method={method}", *own.get("overrides", [])]
     lr_key = get_method(method).lr_key  # fo.lr for the first-order bound, zo.lr for the rest
@@ -92,7 +97,9 @@ def tune_and_test(method: str, args: argparse.Namespace, work: Path, base: list[
         lr = method_lr(method, factor)
         summary = run_cell(work / "tune" / f"{label}-lr{lr:.3g}", base + [
             f"{lr_key}={lr}", "task.eval_split=validation",
-            f"task.validation_size={args.validation_size}", "run.seed=0"])
+            f"task.validation_size={args.validation_size}", "run.seed=0"], args.report_only)
+        if summary is None:
+            return None, [], []
         tried.append({"lr": lr, "factor": factor, "validation_rouge_l": summary["final/rouge_l"],
                       "validation_loss": summary["final/loss"]})
     best = max(tried, key=lambda t: (t["validation_rouge_l"], -t["validation_loss"])) if tried else None
@@ -100,7 +107,9 @@ def tune_and_test(method: str, args: argparse.Namespace, work: Path, base: list[
     cells, folders = [], []
     for seed in args.seeds:
         out = work / "test" / f"{label}-seed{seed}"
-        summary = run_cell(out, base + [f"{lr_key}={chosen['lr']}", f"run.seed={seed}"])
+        summary = run_cell(out, base + [f"{lr_key}={chosen['lr']}", f"run.seed={seed}"], args.report_only)
+        if summary is None:
+            continue
         folders.append(out)
         cells.append({"method": label, "seed": seed, "lr": chosen["lr"], **{k: summary.get(k) for k in SUMMARY_KEYS}})
     return chosen, cells, folders
@@ -157,6 +166,7 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=16)
     parser.add_argument("--validation-size", type=int, default=16)
     parser.add_argument("--data-dir", default=os.environ.get("MEERKAT_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--report-only", action="store_true", help="report the finished cells, run nothing")
     parser.add_argument("--work", default=str(REPO / "runs" / "bench-instruct"))
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "instruct.json"))
     parser.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "instruct.png"))
@@ -168,7 +178,11 @@ def main() -> None:
     first_seed_folders: list[Path] = []
     labels = [OWN_SETTING.get(method, {}).get("label", method) for method in args.methods]
     for method, label in zip(args.methods, labels):
-        chosen[label], method_cells, folders = tune_and_test(method, args, work, base)
+        found, method_cells, folders = tune_and_test(method, args, work, base)
+        if found is None or not method_cells:
+            print(f"{label}: no finished cells, left out of the report")
+            continue
+        chosen[label] = found
         cells += method_cells
         first_seed_folders.append(folders[0])
 
