@@ -64,7 +64,16 @@ def run_cell(out: Path, overrides: list[str], report_only: bool = False) -> dict
     """The summary of the run in ``out``: read back if finished, resumed if interrupted, else run from scratch
     (``report_only``: None for a cell that has not finished)."""
     if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
+        try:
+            summary = json.loads((out / "summary.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SystemExit(f"instruct.py: {out / 'summary.json'} is unreadable ({err}); delete that run folder "
+                             "to rerun the cell") from None
+        if not isinstance(summary, dict) or not all(isinstance(summary.get(k), (int, float)) for k in (
+                "final/rouge_l", "final/loss")):
+            raise SystemExit(f"instruct.py: {out / 'summary.json'} lacks final/rouge_l or final/loss; delete that "
+                             "run folder to rerun the cell")
+        return summary
     if report_only:
         return None
     cfg = config.validate(config.resolve_environment(config.apply_overrides(config.Config(), overrides)))
