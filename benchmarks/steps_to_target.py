@@ -38,6 +38,10 @@ ARMS: dict[str, tuple[str, int, list[str]]] = {
     "zo_verbalizer_5e-4": ("zo", 2000, [*ZO, "task.loss=verbalizer", "zo.lr=5e-4"]),
     "zo_options_5e-4": ("zo", 2000, [*ZO, "task.loss=options", "zo.lr=5e-4"]),
     "zo_verbalizer_2e-4": ("zo", 2000, [*ZO, "task.loss=verbalizer", "zo.lr=2e-4"]),
+    # the 2e-4 arm peaked at step 250 and then lost accuracy at a constant lr: the same lr decayed (cosine to 0
+    # over 1,000 steps, schedule.py), evaluated every 125 steps
+    "zo_verbalizer_2e-4_cosine": ("zo", 1000, [*ZO, "task.loss=verbalizer", "zo.lr=2e-4", "lr_schedule.kind=cosine",
+                                               "train.eval_every=125"]),
     "first_order": ("fo", 120, [*COMMON, "method=fedavg_fo", "mask.kind=dense", "fo.optimizer=adam", "fo.lr=1e-5",
                                 "fed.num_clients=1", "fed.sample_count=1", "fed.partition=iid",
                                 "fed.local_steps=20", "fed.rounds=6", "run.eval_every=1"]),

@@ -30,6 +30,7 @@ from meerkat_fl.models import LoadedModel, default_cache_dir, load_model
 from meerkat_fl.noise import noise_source
 from meerkat_fl.partition import Partition, make_partition
 from meerkat_fl.progress import Progress
+from meerkat_fl.schedule import LRSchedule
 from meerkat_fl.tasks import EncodedSplit, Scorer, Split, TaskProtocol, get_task
 from meerkat_fl.zo import MaskedParams, wants_noise_cache
 
@@ -211,6 +212,12 @@ class ClientSide:
     runtime: ClientRuntime
 
 
+def lr_schedule(cfg: Config) -> LRSchedule:
+    """The run's lr schedule (``[lr_schedule]``; validated by config_checks)."""
+    sched = cfg.lr_schedule
+    return LRSchedule(sched.kind, float(sched.final), int(sched.warmup))
+
+
 def build_client_side(cfg: Config, progress: Progress = False) -> ClientSide:
     """``progress``: a bar while a sensitive mask is built (no cached one)."""
     loaded = build_model(cfg)
@@ -241,6 +248,6 @@ def build_federation(cfg: Config, progress: Progress = False) -> Federation:
         batch_size=cfg.zo.batch_size, weighting=cfg.fed.weighting, downlink=cfg.fed.downlink,
         sample_fraction=cfg.fed.sample_fraction, sample_count=cfg.fed.sample_count, seed_pool=pool,
         max_abs_scalar=cfg.fed.max_abs_scalar, clip=ScalarClip(cfg.fed.clip, cfg.fed.clip_factor),
-        noise=params.noise,
+        noise=params.noise, lr_schedule=lr_schedule(cfg), rounds=cfg.fed.rounds,
     )
     return Federation(cfg, data, partition, params, server, clients, runtime)

@@ -28,6 +28,7 @@ from meerkat_fl.config_schema import (  # noqa: F401
     FedMeZOConfig,
     FOConfig,
     LoraConfig,
+    LRScheduleConfig,
     MaskConfig,
     ModelConfig,
     RunConfig,

@@ -20,6 +20,7 @@ from meerkat_fl.local import FO_OPTIMIZERS
 from meerkat_fl.masks import FILE_KINDS
 from meerkat_fl.methods import method_names
 from meerkat_fl.models import DEVICE_PATTERN
+from meerkat_fl.schedule import KINDS as SCHEDULE_KINDS
 from meerkat_fl.vp import CONTROLS as VP_CONTROLS
 
 # Allowed values; those of methods, strategies, mask kinds, samplings, signals and controls are defined by the
@@ -43,6 +44,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fo.optimizer": tuple(FO_OPTIMIZERS),
     "zo.noise": ("gaussian", "rademacher"),
     "zo.noise_generator": ("torch_cpu", "philox"),
+    "lr_schedule.kind": SCHEDULE_KINDS,
     "fedmezo.signal": FEDMEZO_SIGNALS,
     "vp.control": VP_CONTROLS,
 }
@@ -55,7 +57,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {"zo.lr", "fo.lr", "train.steps", "train.eval_every", "run.eval_every", "fed.num_extreme",
                 "vp.quiet_factor", "vp.rho_later", "vp.rho_quiet", "fedmezo.lr_scale", "run.seed", "mask.seed",
-                "fedkseed.pool_size"}
+                "fedkseed.pool_size", "lr_schedule.warmup"}
 FRACTIONS = {"mask.density", "fed.sample_fraction"}  # in (0, 1]
 # Optional keys (None = unset, the task's or the data's own size) that, when set, must be >= 1.
 POSITIVE_OR_NONE = {"task.train_size", "task.eval_size", "task.max_prompt_length", "task.max_response_length",
@@ -78,7 +80,7 @@ LIMITS: dict[str, int] = {
     "fed.num_clients": MAX_CLIENTS, "fed.local_steps": MAX_STEPS, "vp.calibration_steps": MAX_STEPS,
     "train.steps": 1_000_000,  # centralised steps: their seeds are drawn up front (MeZO runs 20k-100k)
     "fed.rounds": MAX_ROUND, "fedkseed.pool_size": MAX_POOL_SIZE, "lora.rank": 4096,
-    "run.seed": MAX_SEED, "mask.seed": MAX_SEED,
+    "run.seed": MAX_SEED, "mask.seed": MAX_SEED, "lr_schedule.warmup": 1_000_000,
 }
 
 
@@ -109,6 +111,8 @@ def validate(cfg: Config) -> Config:
     for key in sorted(FRACTIONS):
         if not 0.0 < flat[key] <= 1.0:
             raise ConfigError(f"{key}: must be in (0, 1], got {flat[key]!r}")
+    if not 0.0 <= cfg.lr_schedule.final <= 1.0:
+        raise ConfigError(f"lr_schedule.final: must be in [0, 1] (a fraction of the lr), got {cfg.lr_schedule.final!r}")
     if cfg.fed.sample_count is not None and cfg.fed.sample_count > cfg.fed.num_clients:
         raise ConfigError(f"fed.sample_count: must be in [1, fed.num_clients], got {cfg.fed.sample_count}")
     _validate_vp(cfg)

@@ -106,6 +106,17 @@ class FOConfig:
 
 
 @dataclass
+class LRScheduleConfig:
+    """How the lr (zo.lr, fo.lr or FedMeZO's personalised lr) changes over a run (schedule.py): per round in a
+    federated run (the plan carries the round's lr, so replay stays exact), per step in `meerkat finetune`.
+    [choice] constant by default, as MeZO and the paper; linear and cosine decay towards ``final`` x lr."""
+
+    kind: str = "constant"  # constant | linear | cosine
+    final: float = 0.0  # the lr approached at the end, as a fraction of the configured lr, in [0, 1]
+    warmup: int = 0  # rounds (federated) or steps (finetune) of linear warm-up before the decay
+
+
+@dataclass
 class TrainConfig:
     """Centralised (single-machine) MeZO-style fine-tuning: `meerkat finetune`."""
 
@@ -191,6 +202,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
     fo: FOConfig = field(default_factory=FOConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     fedmezo: FedMeZOConfig = field(default_factory=FedMeZOConfig)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from meerkat_fl import run as shell
-from meerkat_fl.build import build_model, build_task_data, obtain_trainable
+from meerkat_fl.build import build_model, build_task_data, lr_schedule, obtain_trainable
 from meerkat_fl.config import Config, flatten
 from meerkat_fl.fed import checkpoint
 from meerkat_fl.local import DataPointer, local_train, step_seeds
@@ -63,17 +63,21 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: Pr
         run.append_metrics({"step": 0, **prefixed(EVAL, zero_shot)})
 
     steps = cfg.train.steps
+    schedule = lr_schedule(cfg)
     seeds = step_seeds(cfg.run.seed, 0, 0, steps)
     every = cfg.train.eval_every or steps
     last = shell.final_metrics(run.read_metrics(), zero_shot)  # a resumed run's bar starts from its last eval
     steps_bar = bar(steps, "finetune", "step", progress, initial=start)
     for step in range(start, steps):
+        lr = schedule.lr(cfg.zo.lr, step, steps)
         (result,) = local_train(
-            params, values, seeds[step : step + 1], lr=cfg.zo.lr, eps=cfg.zo.eps,
+            params, values, seeds[step : step + 1], lr=lr, eps=cfg.zo.eps,
             batch_loss=batch_loss, pointer=pointer, batch_size=cfg.zo.batch_size,
         )
         skipped += int(result.skipped)
         record: dict[str, Any] = {"step": step + 1, "train_loss": result.loss, "scalar": result.scalar}
+        if not schedule.constant:
+            record["lr"] = lr
         evaluated = (step + 1) % every == 0 or step + 1 == steps
         if evaluated:
             last = evaluate()

@@ -20,7 +20,8 @@ from meerkat_fl.fed.state import RECORD_BLOBS, RECORD_INTS, ClientState
 FORMAT = 2  # 1: before the ClientState codec (per-round tensors, no checksum)
 EXTENDABLE = ("fed.rounds", "train.steps")  # keys a resume may raise on purpose, to extend a run
 # keys added since format 2, with the value a checkpoint written before them was written under
-ADDED_KEYS = {"zo.noise": "gaussian", "zo.noise_generator": "torch_cpu", "run.tensorboard": False}
+ADDED_KEYS = {"zo.noise": "gaussian", "zo.noise_generator": "torch_cpu", "run.tensorboard": False,
+              "lr_schedule.kind": "constant", "lr_schedule.final": 0.0, "lr_schedule.warmup": 0}
 
 
 def tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -99,6 +100,13 @@ def check(tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], flat_co
         shown = ", ".join(f"{k} ({state['config'].get(k)!r} -> {_plain(flat_config.get(k))!r})" for k in differ[:6])
         raise ConfigError(f"{where}: the config changed since the checkpoint was written: {shown}"
                           f"{' ...' if len(differ) > 6 else ''}; only fed.rounds and train.steps may change on resume")
+    saved = state.get("config", {})
+    stretched = [k for k in EXTENDABLE if _plain(saved.get(k)) != _plain(flat_config.get(k))]
+    if stretched and flat_config.get("lr_schedule.kind", "constant") != "constant":
+        key = stretched[0]
+        raise ConfigError(f"{where}: {key} changed ({saved.get(key)!r} -> {flat_config.get(key)!r}) under "
+                          f"lr_schedule.kind={flat_config['lr_schedule.kind']}: the schedule decays over {key}, so the "
+                          "rounds or steps already run had another lr; extend only a constant-lr run")
 
 
 def client_states_from(clients: Mapping[int, Any]) -> dict[int, ClientState]:

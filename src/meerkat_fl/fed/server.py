@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from meerkat_fl.fed.strategies import ClientInstructions, Strategy
 from meerkat_fl.local import step_seeds
 from meerkat_fl.masks import Mask
 from meerkat_fl.noise import NoiseSource, check_noise
+from meerkat_fl.schedule import CONSTANT, LRSchedule
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,12 @@ class Server:
         local_steps: int, lr: float, eps: float, batch_size: int, weighting: str = "data_size",
         downlink: str = "values", sample_fraction: float = 1.0, sample_count: int | None = None,
         max_abs_scalar: float = 1e6, seed_pool: SeedPool | None = None, clip: ScalarClip | None = None,
-        noise: NoiseSource,
+        noise: NoiseSource, lr_schedule: LRSchedule = CONSTANT, rounds: int = 0,
     ):
+        """``lr_schedule`` scales the lr each strategy tells its clients by the round's factor over ``rounds``
+        (schedule.py); the plan carries the scaled lr and the path records it, so every replay applies it."""
         self.mask, self.values, self.strategy, self.noise = mask, values, strategy, noise
+        self.lr_schedule, self.rounds = lr_schedule, rounds
         self.client_sizes = dict(client_sizes)
         self.run_seed, self.local_steps, self.lr, self.eps, self.batch_size = run_seed, local_steps, lr, eps, batch_size
         self.weighting, self.downlink = weighting, downlink
@@ -123,7 +127,7 @@ class Server:
     def plan_for(self, client_id: int, round_index: int, told: ClientInstructions | None = None) -> RoundPlan:
         """The plan for one client: what the strategy told it (lr, T), the round's seeds and the downlink."""
         if told is None:
-            told = self.strategy.configure(round_index, [client_id], self.instructions())[client_id]
+            told = self.configure(round_index, [client_id])[client_id]
         steps = told.local_steps
         if self.seed_pool is not None:
             seeds = self.seed_pool.step_seeds(round_index, client_id, steps)
@@ -139,9 +143,21 @@ class Server:
         """The run's base instructions (lr, T) that a strategy personalises."""
         return ClientInstructions(self.lr, self.local_steps)
 
+    def configure(self, round_index: int, client_ids: list[int]) -> dict[int, ClientInstructions]:
+        """What the strategy tells each client, its lr scaled by the round's schedule factor."""
+        told = self.strategy.configure(round_index, client_ids, self.instructions())
+        factor = self.lr_schedule.factor(round_index, self.rounds)
+        if factor == 1.0:
+            return told
+        return {cid: replace(t, lr=t.lr * factor) for cid, t in told.items()}
+
+    def round_lr(self, round_index: int) -> float:
+        """The run's base lr (``zo.lr``) at a round, as the schedule scales it (before a strategy personalises it)."""
+        return self.lr_schedule.lr(self.lr, round_index, self.rounds)
+
     def configure_round(self) -> tuple[dict[int, RoundPlan], EncodedPlans]:
         """Plans (objects, kept to validate replies) and their bytes for this round's clients, encoded lazily."""
-        told = self.strategy.configure(self.round, self.sample(self.round), self.instructions())
+        told = self.configure(self.round, self.sample(self.round))
         plans = {cid: self.plan_for(cid, self.round, told[cid]) for cid in sorted(told)}
         return plans, EncodedPlans(plans)
 
@@ -191,6 +207,8 @@ class Server:
         outcome = self.strategy.aggregate(self.round, self.values, self.mask, paths, updates, combine)
         self.values = outcome.values
         metrics = {**outcome.metrics, **pool_metrics, **clip_metrics}
+        if not self.lr_schedule.constant:  # the round's scheduled base lr (strategies may personalise it)
+            metrics["lr"] = self.round_lr(self.round)
         self.link.record_round(self.round, plans, {cid for cid in plans if replies.get(cid) is not None}, paths)
         self.rejected_total += len(rejected)
         result = RoundResult(
