@@ -10,7 +10,7 @@ import torch
 
 from meerkat_fl import config
 from meerkat_fl.errors import ConfigError, MessageRejected
-from meerkat_fl.fed import seedpool
+from meerkat_fl.fed import checkpoint, seedpool
 from meerkat_fl.fed.aggregate import aggregate_paths
 from meerkat_fl.fed.messages import RoundPlan, decode_plan, encode_plan
 from meerkat_fl.fed.seedpool import PoolModel, SeedPool, pool_index, pool_seeds, pro_probabilities
@@ -301,3 +301,22 @@ def test_method_names_say_fedkseed():
         name("fedkseed.pool_size=4096", "fed.strategy=fedmezo")
     assert name("method='fedkseed_pro'") == "fedkseed_pro"
     assert name("mask.kind=dense") == "full_fedzo"
+
+
+def test_clients_that_shared_a_pool_model_share_it_again_after_a_checkpoint(tiny_cfg):
+    fed = build_federation(pool_cfg(tiny_cfg, "fed.num_clients=4", "fed.rounds=3"))
+    one_round(fed)
+    one_round(fed)  # every client caught up from the same model with the same message: one shared object
+    states = checkpoint.client_states_from(fed.clients)
+    assert all(s.pool is states[0].pool for s in states.values())
+    tensors, plain = checkpoint.pack_clients(states)
+    loaded = checkpoint.unpack_clients(tensors, plain, fed.params.size, "cpu")
+    pools = [state.pool for state in loaded.values()]
+    assert all(pool is pools[0] for pool in pools) and pools[0] is not states[0].pool  # one copy, not four
+    assert torch.equal(pools[0].accumulator, states[0].pool.accumulator)
+    # a client whose model differs keeps its own
+    odd = {**states, 3: dataclasses.replace(states[3], pool=PoolModel.zeros(K, fed.params.size))}
+    tensors, plain = checkpoint.pack_clients(odd)
+    loaded = checkpoint.unpack_clients(tensors, plain, fed.params.size, "cpu")
+    assert loaded[0].pool is loaded[1].pool is loaded[2].pool and loaded[3].pool is not loaded[0].pool
+    assert not loaded[3].pool.accumulator.any()
