@@ -71,7 +71,7 @@ def test_the_schedule_scales_each_rounds_plans_and_client_replay_stays_exact(tin
         for cid, told in unscaled.items():
             assert plans_s[cid].lr == told.lr * factor
         assert {p.lr for p in result.paths} == {plans_s[p.client_id].lr for p in result.paths}
-        assert result.metrics["lr"] == tiny_cfg.zo.lr * factor
+        assert result.metrics["lr_factor"] == factor
         if round_index == 0:  # factor 1: the same round as the constant run's, bit for bit
             assert torch.equal(constant.server.values, cosine.server.values)
     assert not torch.equal(constant.server.values, cosine.server.values)
@@ -91,11 +91,21 @@ def test_a_scheduled_run_resumes_to_the_uninterrupted_result_and_refuses_to_be_e
     assert simulate(cfg, tmp_path / "cut", progress=False, stop_after=2) == {"interrupted_at_round": 2}
     simulate(cfg, tmp_path / "cut", progress=False, resume=True)
     assert_same_run(tmp_path / "full", tmp_path / "cut")
-    lrs = [row["lr"] for row in metrics(tmp_path / "full") if "round" in row and "lr" in row]
-    assert lrs == pytest.approx([tiny_cfg.zo.lr * f for f in (0.5, 1.0, 2 / 3, 1 / 3)])
+    factors = [row["lr_factor"] for row in metrics(tmp_path / "full") if "lr_factor" in row]
+    assert factors == pytest.approx([0.5, 1.0, 2 / 3, 1 / 3])
     assert simulate(cfg, tmp_path / "short", progress=False, stop_after=2) == {"interrupted_at_round": 2}
     with pytest.raises(ConfigError, match="fed.rounds changed .* lr_schedule.kind=linear"):
         simulate(config.apply_overrides(cfg, ["fed.rounds=6"]), tmp_path / "short", progress=False, resume=True)
+    # train.steps does not set a federated run's length: changing it is not refused
+    simulate(config.apply_overrides(cfg, ["train.steps=7"]), tmp_path / "short", progress=False, resume=True)
+    assert_same_run(tmp_path / "full", tmp_path / "short")
+
+
+@pytest.mark.parametrize("command", ["run", "finetune"])
+def test_a_warmup_as_long_as_the_run_is_a_config_error(tiny_cfg, tmp_path, command):
+    cfg = config.apply_overrides(tiny_cfg, ["fed.rounds=3", "train.steps=3", "lr_schedule.warmup=3"])
+    with pytest.raises(ConfigError, match=r"lr_schedule.warmup = 3 must be shorter than the run \((fed.rounds|train.steps) = 3\)"):
+        (simulate if command == "run" else finetune)(cfg, tmp_path, progress=False)
 
 
 def test_finetune_applies_the_schedule_per_step_and_resumes_exactly(tiny_cfg, tmp_path, assert_same_run, monkeypatch):
@@ -128,6 +138,8 @@ def test_finetune_applies_the_schedule_per_step_and_resumes_exactly(tiny_cfg, tm
     monkeypatch.setattr(finetune_module, "local_train", real)
     finetune(cfg, tmp_path / "cut", progress=False, resume=True)
     assert_same_run(tmp_path / "full", tmp_path / "cut")
+    with pytest.raises(ConfigError, match="train.steps changed .* lr_schedule.kind=cosine"):
+        finetune(config.apply_overrides(cfg, ["train.steps=8"]), tmp_path / "cut", progress=False, resume=True)
 
 
 def test_the_first_order_bound_is_scheduled_too(tiny_cfg):

@@ -212,9 +212,13 @@ class ClientSide:
     runtime: ClientRuntime
 
 
-def lr_schedule(cfg: Config) -> LRSchedule:
-    """The run's lr schedule (``[lr_schedule]``; validated by config_checks)."""
+def lr_schedule(cfg: Config, length: int, length_key: str) -> LRSchedule:
+    """The run's lr schedule (``[lr_schedule]``, ranges validated by config_checks) over ``length`` units (rounds
+    or steps, set by ``length_key``); a warm-up as long as the run is an error (the lr would never reach its value)."""
     sched = cfg.lr_schedule
+    if sched.warmup and sched.warmup >= length:
+        raise ConfigError(f"lr_schedule.warmup = {sched.warmup} must be shorter than the run ({length_key} = {length}): "
+                          "the lr would never reach its configured value")
     return LRSchedule(sched.kind, float(sched.final), int(sched.warmup))
 
 
@@ -248,6 +252,7 @@ def build_federation(cfg: Config, progress: Progress = False) -> Federation:
         batch_size=cfg.zo.batch_size, weighting=cfg.fed.weighting, downlink=cfg.fed.downlink,
         sample_fraction=cfg.fed.sample_fraction, sample_count=cfg.fed.sample_count, seed_pool=pool,
         max_abs_scalar=cfg.fed.max_abs_scalar, clip=ScalarClip(cfg.fed.clip, cfg.fed.clip_factor),
-        noise=params.noise, lr_schedule=lr_schedule(cfg), rounds=cfg.fed.rounds,
+        noise=params.noise, lr_schedule=lr_schedule(cfg, cfg.fed.rounds, "fed.rounds"),
+        rounds=cfg.fed.rounds,
     )
     return Federation(cfg, data, partition, params, server, clients, runtime)

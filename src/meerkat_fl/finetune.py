@@ -50,7 +50,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: Pr
     start, skipped, resumed = 0, 0, None
     if resume and run.has_checkpoint():
         tensors, state = run.load_checkpoint()
-        checkpoint.check(tensors, state, flatten(cfg), str(run.path))
+        checkpoint.check(tensors, state, flatten(cfg), str(run.path), length_key="train.steps")
         check_noise(noise.name, state.get("noise"), f"{run.path}'s checkpoint")  # its later steps must match
         values = tensors["values"].to(device)
         params.write(values)
@@ -63,7 +63,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: Pr
         run.append_metrics({"step": 0, **prefixed(EVAL, zero_shot)})
 
     steps = cfg.train.steps
-    schedule = lr_schedule(cfg)
+    schedule = lr_schedule(cfg, steps, "train.steps")
     seeds = step_seeds(cfg.run.seed, 0, 0, steps)
     every = cfg.train.eval_every or steps
     last = shell.final_metrics(run.read_metrics(), zero_shot)  # a resumed run's bar starts from its last eval

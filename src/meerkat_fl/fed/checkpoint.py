@@ -99,8 +99,12 @@ def pack(server_tensors: dict[str, torch.Tensor], server_state: dict[str, Any], 
     return tensors, state
 
 
-def check(tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], flat_config: Mapping[str, Any], where: str) -> None:
-    """Refuse a checkpoint of another format, with damaged tensors, or written under another config."""
+def check(tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], flat_config: Mapping[str, Any], where: str,
+          length_key: str = "fed.rounds") -> None:
+    """Refuse a checkpoint of another format, with damaged tensors, or written under another config.
+
+    ``length_key``: the key that sets the run's length (fed.rounds, or train.steps for finetune), over which a
+    decaying lr schedule runs: it may not change on resume under one."""
     if state.get("format") != FORMAT:
         raise ConfigError(f"{where}: checkpoint format {state.get('format', 1)}, this version reads {FORMAT}: "
                           "resume it with the meerkat-fl version that wrote it, or start the run again")
@@ -111,13 +115,12 @@ def check(tensors: Mapping[str, torch.Tensor], state: Mapping[str, Any], flat_co
         shown = ", ".join(f"{k} ({state['config'].get(k)!r} -> {_plain(flat_config.get(k))!r})" for k in differ[:6])
         raise ConfigError(f"{where}: the config changed since the checkpoint was written: {shown}"
                           f"{' ...' if len(differ) > 6 else ''}; only fed.rounds and train.steps may change on resume")
-    saved = state.get("config", {})
-    stretched = [k for k in EXTENDABLE if _plain(saved.get(k)) != _plain(flat_config.get(k))]
-    if stretched and flat_config.get("lr_schedule.kind", "constant") != "constant":
-        key = stretched[0]
-        raise ConfigError(f"{where}: {key} changed ({saved.get(key)!r} -> {flat_config.get(key)!r}) under "
-                          f"lr_schedule.kind={flat_config['lr_schedule.kind']}: the schedule decays over {key}, so the "
-                          "rounds or steps already run had another lr; extend only a constant-lr run")
+    before, now = state.get("config", {}).get(length_key), flat_config.get(length_key)
+    if before != now and flat_config.get("lr_schedule.kind", "constant") != "constant":
+        raise ConfigError(f"{where}: {length_key} changed ({before!r} -> {now!r}) under "
+                          f"lr_schedule.kind={flat_config['lr_schedule.kind']}: the schedule decays over {length_key}, "
+                          "so the lr of every later unit would change; resume with the run's own length, or extend "
+                          "only a constant-lr run")
 
 
 def client_states_from(clients: Mapping[int, Any]) -> dict[int, ClientState]:

@@ -104,6 +104,8 @@ class Server:
         """``lr_schedule`` scales the lr each strategy tells its clients by the round's factor over ``rounds``
         (schedule.py); the plan carries the scaled lr and the path records it, so every replay applies it."""
         self.mask, self.values, self.strategy, self.noise = mask, values, strategy, noise
+        if not lr_schedule.constant and rounds < 1:
+            raise ValueError("a non-constant lr schedule needs the run's number of rounds")
         self.lr_schedule, self.rounds = lr_schedule, rounds
         self.client_sizes = dict(client_sizes)
         self.run_seed, self.local_steps, self.lr, self.eps, self.batch_size = run_seed, local_steps, lr, eps, batch_size
@@ -150,10 +152,6 @@ class Server:
         if factor == 1.0:
             return told
         return {cid: replace(t, lr=t.lr * factor) for cid, t in told.items()}
-
-    def round_lr(self, round_index: int) -> float:
-        """The run's base lr (``zo.lr``) at a round, as the schedule scales it (before a strategy personalises it)."""
-        return self.lr_schedule.lr(self.lr, round_index, self.rounds)
 
     def configure_round(self) -> tuple[dict[int, RoundPlan], EncodedPlans]:
         """Plans (objects, kept to validate replies) and their bytes for this round's clients, encoded lazily."""
@@ -207,8 +205,8 @@ class Server:
         outcome = self.strategy.aggregate(self.round, self.values, self.mask, paths, updates, combine)
         self.values = outcome.values
         metrics = {**outcome.metrics, **pool_metrics, **clip_metrics}
-        if not self.lr_schedule.constant:  # the round's scheduled base lr (strategies may personalise it)
-            metrics["lr"] = self.round_lr(self.round)
+        if not self.lr_schedule.constant:  # the factor on every lr the strategy told (zo.lr, fo.lr, FedMeZO's)
+            metrics["lr_factor"] = self.lr_schedule.factor(self.round, self.rounds)
         self.link.record_round(self.round, plans, {cid for cid in plans if replies.get(cid) is not None}, paths)
         self.rejected_total += len(rejected)
         result = RoundResult(
