@@ -16,6 +16,11 @@ Stages:
     python benchmarks/paper.py --workers 2                  # two cell processes at one torch thread each
     python benchmarks/paper.py --tasks sst2 --claims 1      # a slice
     python benchmarks/paper.py --report-only                # tables and plots from the cache
+    python benchmarks/paper.py --claims 2d --tasks sst2     # an opt-in claim's slice (runs only its cells)
+
+After a run, the tables, plots and results/paper.json cover the whole cache (the default tasks and claims, every
+one named, and each opt-in claim with cached cells), so running a slice never drops finished claims from them;
+``--report-only`` with --tasks/--claims/--seeds reports just that slice.
 
 Parallel workers share the grid through lock files (runs/paper/locks/<cell>.lock, holding the owner's pid): a
 worker skips a cell another live worker holds, takes over a dead worker's lock, waits for cells whose lr
@@ -59,25 +64,51 @@ __all__ = ["DENSE_CHECK_LR", "USEFUL_DIFFERENCE", "WORKER_PASS", "Busy", "Cell",
            "run_cell", "tuned_lr", "verdict", "welch_difference"]
 
 
+def report_scope(args: argparse.Namespace) -> tuple[list[str], list[str], list[int]]:
+    """What the tables cover after a run: the default tasks and claims, every task and claim the command named,
+    and each opt-in claim that has cached cells (``--claims 2d --tasks sst2`` must not drop claims 1-6 from
+    tables.md), over the default seeds and any named."""
+    tasks = [*grid.TASKS, *(t for t in args.tasks or () if t not in grid.TASKS)]
+    cached = {p.stem for p in grid.CELLS.glob("*.json")}
+    extras = [claim for claim in grid.EXTRA_CLAIMS if claim in grid.CLAIMS
+              and (claim in (args.claims or ()) or any(f"-{setting}-lr" in name for setting in grid.CLAIMS[claim][1]
+                                                     for name in cached))]
+    claims = [*grid.default_claims(), *extras]
+    seeds = sorted({*grid.SEEDS, *(args.seeds or ())})
+    return tasks, claims, seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(grid.TASKS), choices=[*grid.TASKS, *grid.EXTRA_TASKS])
-    parser.add_argument("--claims", nargs="+", default=grid.default_claims(),
-                        choices=list(grid.CLAIMS), help=f"opt-in: {', '.join(grid.EXTRA_CLAIMS)}")
-    parser.add_argument("--seeds", nargs="+", type=int, default=list(grid.SEEDS))
+    parser.add_argument("--tasks", nargs="+", choices=[*grid.TASKS, *grid.EXTRA_TASKS],
+                        help=f"default: {' '.join(grid.TASKS)}")
+    parser.add_argument("--claims", nargs="+", choices=list(grid.CLAIMS),
+                        help=f"default: all but the opt-in {', '.join(grid.EXTRA_CLAIMS)}")
+    parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--report-only", action="store_true", help="no runs: tables and plots from the cache")
     parser.add_argument("--workers", type=int, default=1, help="cell processes in parallel (cores split between)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    sliced = args.report_only and (args.tasks or args.claims or args.seeds)  # a report of the slice named
+    report_tasks, report_claims, report_seeds = report_scope(args)
+    args.tasks = args.tasks or list(grid.TASKS)
+    args.claims = args.claims or grid.default_claims()
+    args.seeds = args.seeds or list(grid.SEEDS)
     if args.worker:
         return work(args.tasks, args.claims, args.seeds)
     started = time.perf_counter()
-    if not args.report_only and args.workers > 1:
-        spawn(args)
-    data = collect(args.tasks, args.claims, args.seeds, run=not args.report_only and args.workers == 1)
-    text = report(data, args.tasks, sorted(args.claims))
+    if not args.report_only:
+        if args.workers > 1:
+            spawn(args)
+        else:  # the slice's cells; the tables below cover the whole cache, so a slice never drops finished claims
+            collect(args.tasks, args.claims, args.seeds, run=True)
+    if sliced:
+        report_tasks, report_claims, report_seeds = args.tasks, args.claims, args.seeds
+    args.tasks = report_tasks  # what paper.json's cell count covers
+    data = collect(report_tasks, report_claims, report_seeds, run=False)
+    text = report(data, report_tasks, sorted(report_claims))
     print(text)
     (grid.RESULTS / "paper").mkdir(parents=True, exist_ok=True)
     (grid.RESULTS / "paper" / "tables.md").write_text(text)

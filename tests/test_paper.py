@@ -308,3 +308,20 @@ def test_the_drift_claim_is_opt_in_spends_equal_steps_and_reports_each_sync_freq
     assert "- sst2 / meerkat / pathological: T=50 gap minus T=1 gap: " in text
     line = next(x for x in text.splitlines() if x.startswith("- sst2 / meerkat / pathological: T=50"))
     assert "paired by seed: holds (+0.098 ± 0.000" in line  # 0.002 x (50 - 1), identical on every seed
+
+
+def test_the_tables_after_a_slice_keep_every_claim_and_add_an_opt_in_claim_once_it_has_cells(paper, monkeypatch):
+    import argparse
+
+    grid = paper.grid
+    monkeypatch.setitem(grid.CLAIMS, "2d", (["meerkat"], grid.DRIFT_SETTINGS, "drift"))
+    bare = argparse.Namespace(tasks=None, claims=None, seeds=None)
+    assert paper.report_scope(bare) == (list(grid.TASKS), grid.default_claims(), list(grid.SEEDS))
+    # `--claims 2d --tasks sst2 --seeds 0`: the tables still cover the default claims and tasks, 2d added
+    sliced = argparse.Namespace(tasks=["sst2"], claims=["2d"], seeds=[0])
+    assert paper.report_scope(sliced) == (list(grid.TASKS), [*grid.default_claims(), "2d"], list(grid.SEEDS))
+    grid.CELLS.mkdir(parents=True)
+    (grid.CELLS / "test-sst2-meerkat-drift-T1-iid-lr0.0005-s0.json").write_text("{}")  # one cached 2d cell
+    assert paper.report_scope(bare)[1] == [*grid.default_claims(), "2d"]  # a later plain run reports it too
+    assert paper.report_scope(argparse.Namespace(tasks=["rte"], claims=None, seeds=[5]))[::2] == (
+        [*grid.TASKS, "rte"], sorted({*grid.SEEDS, 5}))
