@@ -100,6 +100,8 @@ def bytes_to_beat(curves: list[list[list[float]]], target: float) -> tuple[int, 
 def fmt(values: list[float]) -> str:
     if not values:
         return "-"
+    if len(values) == 1:  # one seed has no spread to show
+        return f"{values[0]:.3f} (n=1)"
     mean, std = mean_std(values)
     return f"{mean:.3f} ± {std:.3f} (n={len(values)})"
 
