@@ -47,7 +47,7 @@ def test_factors_follow_their_formulas():
 @pytest.mark.parametrize("override, message", [
     ("lr_schedule.kind='step'", "lr_schedule.kind: must be one of constant, linear, cosine"),
     ("lr_schedule.final=1.5", "lr_schedule.final: must be in"),
-    ("lr_schedule.final=-0.1", "lr_schedule.final: must be in"),
+    ("lr_schedule.final=-0.1", "lr_schedule.final: must be >= 0"),
     ("lr_schedule.warmup=-1", "lr_schedule.warmup: must be >= 0"),
 ])
 def test_a_bad_schedule_is_a_config_error_naming_the_key(tiny_cfg, override, message):

@@ -57,7 +57,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {"zo.lr", "fo.lr", "train.steps", "train.eval_every", "run.eval_every", "fed.num_extreme",
                 "vp.quiet_factor", "vp.rho_later", "vp.rho_quiet", "fedmezo.lr_scale", "run.seed", "mask.seed",
-                "fedkseed.pool_size", "lr_schedule.warmup"}
+                "fedkseed.pool_size", "lr_schedule.warmup", "lr_schedule.final"}  # final: also <= 1, below
 FRACTIONS = {"mask.density", "fed.sample_fraction"}  # in (0, 1]
 # Optional keys (None = unset, the task's or the data's own size) that, when set, must be >= 1.
 POSITIVE_OR_NONE = {"task.train_size", "task.eval_size", "task.max_prompt_length", "task.max_response_length",
