@@ -105,7 +105,8 @@ def test_a_scheduled_run_resumes_to_the_uninterrupted_result_and_refuses_to_be_e
 def test_a_warmup_as_long_as_the_run_is_a_config_error(tiny_cfg, tmp_path, command):
     cfg = config.apply_overrides(tiny_cfg, ["fed.rounds=3", "train.steps=3", "lr_schedule.warmup=3"])
     with pytest.raises(ConfigError, match=r"lr_schedule.warmup = 3 must be shorter than the run \((fed.rounds|train.steps) = 3\)"):
-        (simulate if command == "run" else finetune)(cfg, tmp_path, progress=False)
+        (simulate if command == "run" else finetune)(cfg, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()  # refused before a run folder is made: the fixed config can use it
 
 
 def test_finetune_applies_the_schedule_per_step_and_resumes_exactly(tiny_cfg, tmp_path, assert_same_run, monkeypatch):

@@ -31,6 +31,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: Pr
     run shell's rules (``meerkat_fl.run``), as ``meerkat run``'s does.
     """
     started = time.perf_counter()
+    schedule = lr_schedule(cfg, cfg.train.steps, "train.steps")  # a bad warm-up fails before any work
     run = shell.open_run(out, cfg, resume=resume, overwrite=overwrite)
     loaded = build_model(cfg)
     data = build_task_data(cfg.task, loaded, cfg.run.seed)
@@ -63,7 +64,6 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: Pr
         run.append_metrics({"step": 0, **prefixed(EVAL, zero_shot)})
 
     steps = cfg.train.steps
-    schedule = lr_schedule(cfg, steps, "train.steps")
     seeds = step_seeds(cfg.run.seed, 0, 0, steps)
     every = cfg.train.eval_every or steps
     last = shell.final_metrics(run.read_metrics(), zero_shot)  # a resumed run's bar starts from its last eval

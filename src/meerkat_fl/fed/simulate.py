@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from meerkat_fl import run as shell
-from meerkat_fl.build import ClientSide, Federation, build_client_side, build_federation, partition_for
+from meerkat_fl.build import (
+    ClientSide,
+    Federation,
+    build_client_side,
+    build_federation,
+    lr_schedule,
+    partition_for,
+)
 from meerkat_fl.config import Config, flatten, method_name
 from meerkat_fl.fed import checkpoint
 from meerkat_fl.fed.loop import run_rounds
@@ -74,6 +81,7 @@ def simulate(
     this run shares rather than evaluating the same model again (``run.begin``; the demo's second method).
     """
     started = time.perf_counter()
+    lr_schedule(cfg, cfg.fed.rounds, "fed.rounds")  # a bad warm-up fails before a run folder or a model exists
     run = shell.open_run(out, cfg, resume=resume, overwrite=overwrite)
     fed = build_federation(cfg, progress)
     if on_built is not None:
