@@ -47,11 +47,15 @@ from paper_cells import WORKER_PASS, Busy, _lock, collect, run_cell, spawn, tune
 from paper_grid import DENSE_CHECK_LR, Cell, lr_grid
 from paper_report import (
     USEFUL_DIFFERENCE,
+    auc,
     bytes_to_beat,
     detectable,
+    drift_gradip,
+    drift_gradip_lines,
     paired_difference,
     paired_verdict,
     plot,
+    plot_drift_gradip,
     plot_gradip,
     report,
     verdict,
@@ -59,8 +63,8 @@ from paper_report import (
 )
 
 # what tests/test_paper.py reads from this script (it patches settings, paths and runners on the modules)
-__all__ = ["DENSE_CHECK_LR", "USEFUL_DIFFERENCE", "WORKER_PASS", "Busy", "Cell", "_lock", "bytes_to_beat", "cells",
-           "collect", "detectable", "grid", "lr_grid", "main", "paired_difference", "paired_verdict", "report",
+__all__ = ["DENSE_CHECK_LR", "USEFUL_DIFFERENCE", "WORKER_PASS", "Busy", "Cell", "_lock", "auc", "bytes_to_beat",
+           "cells", "collect", "detectable", "drift_gradip", "drift_gradip_lines", "grid", "lr_grid", "main", "paired_difference", "paired_verdict", "report",
            "run_cell", "tuned_lr", "verdict", "welch_difference"]
 
 
@@ -114,6 +118,8 @@ def main() -> None:
     (grid.RESULTS / "paper" / "tables.md").write_text(text)
     png = plot(data, args.tasks, grid.RESULTS / "paper" / "accuracy.png")
     gradip_png = plot_gradip(data, args.tasks, grid.RESULTS / "paper" / "gradip.png")
+    within = drift_gradip(data, args.tasks) if "2d" in report_claims else {}
+    within_png = plot_drift_gradip(data, within, grid.RESULTS / "paper" / "gradip_drift.png")
     mine = [p for p in grid.CELLS.glob("*.json") if p.stem.split("-")[1] in args.tasks]  # <split>-<task>-...
     cell_seconds = sum(json.loads(p.read_text())["summary"]["wall_seconds"] for p in mine)
     payload = {
@@ -129,6 +135,8 @@ def main() -> None:
         "command": "python benchmarks/paper.py " + " ".join(sys.argv[1:]),
         "plot": str(png.relative_to(grid.REPO)) if png else None,
         "gradip_plot": str(gradip_png.relative_to(grid.REPO)) if gradip_png else None,
+        "drift_gradip": within,  # claim 2d: |GradIP| decay within a round, per task, T and partition
+        "drift_gradip_plot": str(within_png.relative_to(grid.REPO)) if within_png else None,
     }
     (grid.RESULTS / "paper.json").write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote benchmarks/results/paper.json ({payload['cells_cached']} cells cached, "

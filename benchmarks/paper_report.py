@@ -24,6 +24,12 @@ from paper_grid import Cell
 # below a single method's seed-to-seed spread here (std 0.01-0.08 in the tables), so it would not change which
 # method, mask or sync frequency one picks at this scale.
 USEFUL_DIFFERENCE = 0.03
+# [choice] Claim 2d's GradIP within a round: a client's T consecutive local steps between two syncs. Decay is the
+# mean |GradIP| over the round's first fifth over its last fifth; the detector is benchmarks/vp.py's (2x decay,
+# half the late steps quiet below 0.25x the early mean) on windows scaled to the round: early [0, T/5), late
+# [T/2, T). T=1 has no consecutive steps to compare and is left out.
+DRIFT_GRADIP_T = (10, 50)
+ROUND_DETECTOR = {"quiet_factor": 0.25, "rho_later": 2.0, "rho_quiet": 0.5}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -130,6 +136,7 @@ def report(data: dict[str, Any], tasks, claims) -> str:
         claim_tasks = [t for t in tasks if claim in grid.TASK_CLAIMS.get(t, claims)]
         if claim == "2d":
             lines += drift_report(res, claim_tasks, methods, by_seed)
+            lines += drift_gradip_lines(drift_gradip(data, claim_tasks))
             continue
         head = ["task"] + [f"{m} {s}" if len(settings) > 1 else m for m in methods for s in settings]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -141,19 +148,25 @@ def report(data: dict[str, Any], tasks, claims) -> str:
         lines.append("")
         for task in claim_tasks:
             if claim in ("1", "4"):
-                others = methods[1:] if claim == "1" else ["random"]
+                others = [m for m in methods[1:] if m != grid.CEILING] if claim == "1" else ["random"]
                 for other in others:
                     lines.append(f"- {task}: meerkat vs {other}: {compare(task, 'meerkat', other)}")
+                if grid.CEILING in methods:  # the ceiling, not a competitor: how far below it Meerkat lands
+                    lines.append(f"- {task}: meerkat vs the first-order ceiling ({grid.CEILING}): "
+                                 f"{compare(task, 'meerkat', grid.CEILING)}")
                 if claim == "4":
                     same = compare(task, "meerkat", "meerkat_taskmask")
                     lines.append(f"- {task}: wikitext mask minus task mask: {same} (claim: no difference)")
-            elif claim == "2":
-                for skew in ("dirichlet", "pathological"):
+            elif claim == "2":  # each method's own gaps: Meerkat's, and the first-order ceiling's beside them
+                for method, skew in ((m, skew) for m in methods for skew in ("dirichlet", "pathological")):
                     gaps = {
-                        t: {s: iid[s] - d for s, d in by_seed(task, "meerkat", f"T{t}-{skew}").items() if s in iid}
-                        for t in (1, 10) for iid in [by_seed(task, "meerkat", f"T{t}-iid")]
+                        t: {s: iid[s] - d for s, d in by_seed(task, method, f"T{t}-{skew}").items() if s in iid}
+                        for t in (1, 10) for iid in [by_seed(task, method, f"T{t}-iid")]
                     }
-                    lines.append(f"- {task}: IID minus {skew} gap, T=1: {fmt(list(gaps[1].values()))}; "
+                    if method != "meerkat" and not any(gaps.values()):
+                        continue  # a ceiling not run yet adds no line
+                    name = "" if method == "meerkat" else f" / {method}"
+                    lines.append(f"- {task}{name}: IID minus {skew} gap, T=1: {fmt(list(gaps[1].values()))}; "
                                  f"T=10: {fmt(list(gaps[10].values()))}; T=10 gap minus T=1 gap: "
                                  f"{verdict(list(gaps[10].values()), list(gaps[1].values()))}; "
                                  f"paired by seed: {paired_verdict(gaps[10], gaps[1])}")
@@ -235,6 +248,83 @@ def drift_report(res: dict[str, Any], tasks, methods, by_seed) -> list[str]:
     return lines
 
 
+def round_decays(task: str, lr: float, t: int, skew: str, seeds) -> list[dict[str, Any]]:
+    """Every (seed, round, client) of one claim-2d Meerkat cell group: its within-round |GradIP| decay and
+    whether the round-scaled detector (``ROUND_DETECTOR``) flags it."""
+    import numpy as np
+
+    from meerkat_fl.vp import detection_signals
+
+    rows = []
+    for seed in seeds:
+        for record in gradip_records(Cell(task, "meerkat", f"drift-T{t}-{skew}", lr, seed, "test")) or []:
+            values = np.abs(np.asarray(record["gradip"], dtype=np.float64))
+            if len(values) < 5:  # a client cut short (fewer than 5 steps): no fifths to compare
+                continue
+            fifth = len(values) // 5
+            signals = detection_signals(values, (0, fifth), (len(values) // 2, len(values)), **ROUND_DETECTOR)
+            late = float(values[-fifth:].mean())
+            rows.append({"seed": seed, "round": record["round"], "client_id": record["client_id"],
+                         "decay": math.inf if late == 0 else float(values[:fifth].mean()) / late,
+                         "flagged": signals.flagged})
+    return rows
+
+
+def auc(positive: list[float], negative: list[float]) -> float:
+    """P(a positive's score > a negative's), ties counting half (the Mann-Whitney AUC); NaN when one side is
+    empty. Written out: two short lists, not worth a scipy dependency."""
+    if not positive or not negative:
+        return math.nan
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def drift_gradip(data: dict[str, Any], tasks) -> dict[str, Any]:
+    """Claim 2d's GradIP phenomenon within a round, per task and T: each skew's client-round decays, the share
+    the round-scaled detector flags, and how well decay tells a one-label client from an IID one (AUC)."""
+    out: dict[str, Any] = {}
+    for task in tasks:
+        lr = data["lrs"].get(task, {}).get("meerkat")
+        for t in DRIFT_GRADIP_T:
+            groups = {}
+            for skew in grid.DRIFT_SKEWS:
+                seeds = data["results"].get(f"{task}/meerkat/drift-T{t}-{skew}", {}).get("seeds", [])
+                rows = round_decays(task, lr, t, skew, seeds) if lr and seeds else []
+                if rows:
+                    decays = sorted(r["decay"] for r in rows)
+                    groups[skew] = {"seeds": seeds, "client_rounds": len(rows),
+                                    "median_decay": statistics.median(decays),
+                                    "decayed_2x": sum(d >= 2 for d in decays) / len(rows),
+                                    "flagged": sum(r["flagged"] for r in rows) / len(rows),
+                                    "decays": decays}
+            if "iid" in groups:
+                for skew, group in groups.items():
+                    if skew != "iid":
+                        group["auc_vs_iid"] = auc(group["decays"], groups["iid"]["decays"])
+            if groups:
+                out[f"{task}/T{t}"] = groups
+    return out
+
+
+def drift_gradip_lines(summary: dict[str, Any]) -> list[str]:
+    """The within-round GradIP table under claim 2d (nothing when no T >= 10 cell is cached)."""
+    if not summary:
+        return []
+    lines = [("GradIP within a round (Meerkat; a client's T consecutive local steps between syncs): the decay is the "
+             "mean |GradIP| of the round's first fifth over its last fifth; flagged is benchmarks/vp.py's detector "
+             "(2x decay, half the late steps below 0.25x the early mean) on windows scaled to the round; AUC is the "
+             "chance that a Non-IID client-round decays more than an IID one (0.5: indistinguishable)."), "",
+             "| task | T | partition | seeds | client-rounds | median decay | decayed >= 2x | flagged | AUC vs IID |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key, groups in summary.items():
+        task, t = key.split("/")
+        for skew, g in groups.items():
+            score = "-" if "auc_vs_iid" not in g else f"{g['auc_vs_iid']:.2f}"
+            lines.append(f"| {task} | {t[1:]} | {skew} | {','.join(map(str, g['seeds']))} | {g['client_rounds']} "
+                         f"| {g['median_decay']:.2f} | {g['decayed_2x']:.0%} | {g['flagged']:.0%} | {score} |")
+    return [*lines, ""]
+
+
 def plot(data: dict[str, Any], tasks, out: Path) -> Path | None:
     import matplotlib
 
@@ -261,6 +351,39 @@ def plot(data: dict[str, Any], tasks, out: Path) -> Path | None:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:  # a task with no cells yet has nothing to label
                 ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_drift_gradip(data: dict[str, Any], summary: dict[str, Any], out: Path) -> Path | None:
+    """Claim 2d's phenomenon: |GradIP| against the local step within a round (geometric mean over every seed,
+    round and client), one panel per task and T, one line per partition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not summary:
+        return None
+    fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4), squeeze=False)
+    for ax, (key, groups) in zip(axes[0], summary.items()):
+        task, t = key.split("/")
+        lr = data["lrs"][task]["meerkat"]
+        for i, (skew, group) in enumerate(groups.items()):
+            rows = [np.abs(np.asarray(r["gradip"], dtype=np.float64)) for seed in group["seeds"]
+                    for r in gradip_records(Cell(task, "meerkat", f"drift-{t}-{skew}", lr, seed, "test")) or []
+                    if len(r["gradip"]) == int(t[1:])]  # whole rounds only
+            if rows:
+                curve = np.exp(np.log(np.maximum(np.stack(rows), 1e-12)).mean(axis=0))
+                ax.plot(np.arange(1, len(curve) + 1), curve, color=f"C{i}",
+                        label=f"{skew} ({len(rows)} client-rounds, median decay {group['median_decay']:.1f}x)")
+        ax.set(title=f"{task}, T={t[1:]}: Meerkat, 100 local steps per client", xlabel="local step within the round",
+               ylabel="|GradIP| (geometric mean)", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
