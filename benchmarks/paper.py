@@ -44,19 +44,15 @@ import time
 import paper_cells as cells
 import paper_grid as grid
 from paper_cells import WORKER_PASS, Busy, _lock, collect, run_cell, spawn, tuned_lr, work
+from paper_gradip import auc, drift_gradip, drift_gradip_lines, plot_drift_gradip, plot_gradip
 from paper_grid import DENSE_CHECK_LR, Cell, lr_grid
 from paper_report import (
     USEFUL_DIFFERENCE,
-    auc,
     bytes_to_beat,
     detectable,
-    drift_gradip,
-    drift_gradip_lines,
     paired_difference,
     paired_verdict,
     plot,
-    plot_drift_gradip,
-    plot_gradip,
     report,
     verdict,
     welch_difference,
@@ -64,8 +60,8 @@ from paper_report import (
 
 # what tests/test_paper.py reads from this script (it patches settings, paths and runners on the modules)
 __all__ = ["DENSE_CHECK_LR", "USEFUL_DIFFERENCE", "WORKER_PASS", "Busy", "Cell", "_lock", "auc", "bytes_to_beat",
-           "cells", "collect", "detectable", "drift_gradip", "drift_gradip_lines", "grid", "lr_grid", "main", "paired_difference", "paired_verdict", "report",
-           "run_cell", "tuned_lr", "verdict", "welch_difference"]
+           "cells", "collect", "detectable", "drift_gradip", "drift_gradip_lines", "grid", "lr_grid", "main",
+           "paired_difference", "paired_verdict", "report", "run_cell", "tuned_lr", "verdict", "welch_difference"]
 
 
 def report_scope(args: argparse.Namespace) -> tuple[list[str], list[str], list[int]]:
@@ -112,13 +108,13 @@ def main() -> None:
         report_tasks, report_claims, report_seeds = args.tasks, args.claims, args.seeds
     args.tasks = report_tasks  # what paper.json's cell count covers
     data = collect(report_tasks, report_claims, report_seeds, run=False)
-    text = report(data, report_tasks, sorted(report_claims))
+    within = drift_gradip(data, report_tasks) if "2d" in report_claims else {}  # claim 2d's GradIP in a round
+    text = report(data, report_tasks, sorted(report_claims), within)
     print(text)
     (grid.RESULTS / "paper").mkdir(parents=True, exist_ok=True)
     (grid.RESULTS / "paper" / "tables.md").write_text(text)
     png = plot(data, args.tasks, grid.RESULTS / "paper" / "accuracy.png")
     gradip_png = plot_gradip(data, args.tasks, grid.RESULTS / "paper" / "gradip.png")
-    within = drift_gradip(data, args.tasks) if "2d" in report_claims else {}
     within_png = plot_drift_gradip(data, within, grid.RESULTS / "paper" / "gradip_drift.png")
     mine = [p for p in grid.CELLS.glob("*.json") if p.stem.split("-")[1] in args.tasks]  # <split>-<task>-...
     cell_seconds = sum(json.loads(p.read_text())["summary"]["wall_seconds"] for p in mine)

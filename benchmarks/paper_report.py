@@ -5,31 +5,24 @@ lrs, the tuning grid and the checks) and runs nothing. A claim holds when the me
 standard error, given both unpaired (Welch) and paired by seed; every verdict states its detectable difference
 (twice that standard error, the smallest the design could call), and an inconclusive one whose ±2 SE interval
 lies within ±``USEFUL_DIFFERENCE`` says there is no effect larger than that; ``report`` writes one table and its verdicts per
-claim, then the tuning grid and the checks beyond it; ``plot`` draws accuracy against rounds and bytes, and
-``plot_gradip`` Meerkat's per-client GradIP trajectories (read from the cell cache, or the run folder).
+claim, then the tuning grid and the checks beyond it; ``plot`` draws accuracy against rounds and bytes. What the
+cells' GradIP logs show (claim 2d's within-round decay, the per-client plots) is ``paper_gradip``'s.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 import paper_grid as grid  # settings and paths read as grid.X, so a test patching paper_grid is seen here
-from paper_grid import Cell
+from paper_gradip import drift_gradip, drift_gradip_lines
 
 # [choice] The smallest accuracy difference worth deciding: 0.03, 6 of the 200 test examples. A smaller one is
 # below a single method's seed-to-seed spread here (std 0.01-0.08 in the tables), so it would not change which
 # method, mask or sync frequency one picks at this scale.
 USEFUL_DIFFERENCE = 0.03
-# [choice] Claim 2d's GradIP within a round: a client's T consecutive local steps between two syncs. Decay is the
-# mean |GradIP| over the round's first fifth over its last fifth; the detector is benchmarks/vp.py's (2x decay,
-# half the late steps quiet below 0.25x the early mean) on windows scaled to the round: early [0, T/5), late
-# [T/2, T). T=1 has no consecutive steps to compare and is left out.
-DRIFT_GRADIP_T = (10, 50)
-ROUND_DETECTOR = {"quiet_factor": 0.25, "rho_later": 2.0, "rho_quiet": 0.5}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -112,7 +105,8 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.3f} ± {std:.3f} (n={len(values)})"
 
 
-def report(data: dict[str, Any], tasks, claims) -> str:
+def report(data: dict[str, Any], tasks, claims, within: dict[str, Any] | None = None) -> str:
+    """The markdown tables and verdicts; ``within`` is ``drift_gradip``'s summary when the caller has it."""
     res = data["results"]
 
     def acc(task: str, method: str, setting: str = "base") -> list[float]:
@@ -126,6 +120,15 @@ def report(data: dict[str, Any], tasks, claims) -> str:
         paired = paired_verdict(by_seed(task, a), by_seed(task, b))
         return f"{verdict(acc(task, a), acc(task, b))}; paired by seed: {paired}"
 
+    def below_ceiling(task: str, setting: str = "base") -> str:
+        """How far Meerkat lands below the first-order ceiling on the same mask, as a gap, not a verdict."""
+        ours, ceiling = by_seed(task, "meerkat", setting), by_seed(task, grid.CEILING, setting)
+        welch = welch_difference(list(ours.values()), list(ceiling.values()))
+        paired = paired_difference(ours, ceiling)
+        return (f"meerkat minus the first-order ceiling ({grid.CEILING}): " + (
+            "fewer than 3 seeds" if welch is None else f"{welch[0]:+.3f} ± {welch[1]:.3f} (Welch)") + (
+            "" if paired is None else f", {paired[0]:+.3f} ± {paired[1]:.3f} (paired by seed)"))
+
     legend = (f"Verdicts give the difference ± its standard error (Welch, then paired by seed) and the detectable "
               f"difference, 2 SE: the smallest the design could call. Inconclusive becomes \"no effect larger than "
               f"{USEFUL_DIFFERENCE:g}\" when the ±2 SE interval lies within ±{USEFUL_DIFFERENCE:g}.")
@@ -136,7 +139,7 @@ def report(data: dict[str, Any], tasks, claims) -> str:
         claim_tasks = [t for t in tasks if claim in grid.TASK_CLAIMS.get(t, claims)]
         if claim == "2d":
             lines += drift_report(res, claim_tasks, methods, by_seed)
-            lines += drift_gradip_lines(drift_gradip(data, claim_tasks))
+            lines += drift_gradip_lines(drift_gradip(data, claim_tasks) if within is None else within)
             continue
         head = ["task"] + [f"{m} {s}" if len(settings) > 1 else m for m in methods for s in settings]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -151,9 +154,8 @@ def report(data: dict[str, Any], tasks, claims) -> str:
                 others = [m for m in methods[1:] if m != grid.CEILING] if claim == "1" else ["random"]
                 for other in others:
                     lines.append(f"- {task}: meerkat vs {other}: {compare(task, 'meerkat', other)}")
-                if grid.CEILING in methods:  # the ceiling, not a competitor: how far below it Meerkat lands
-                    lines.append(f"- {task}: meerkat vs the first-order ceiling ({grid.CEILING}): "
-                                 f"{compare(task, 'meerkat', grid.CEILING)}")
+                if grid.CEILING in methods and acc(task, grid.CEILING):  # a ceiling, not a competitor: no verdict
+                    lines.append(f"- {task}: {below_ceiling(task)}")
                 if claim == "4":
                     same = compare(task, "meerkat", "meerkat_taskmask")
                     lines.append(f"- {task}: wikitext mask minus task mask: {same} (claim: no difference)")
@@ -248,83 +250,6 @@ def drift_report(res: dict[str, Any], tasks, methods, by_seed) -> list[str]:
     return lines
 
 
-def round_decays(task: str, lr: float, t: int, skew: str, seeds) -> list[dict[str, Any]]:
-    """Every (seed, round, client) of one claim-2d Meerkat cell group: its within-round |GradIP| decay and
-    whether the round-scaled detector (``ROUND_DETECTOR``) flags it."""
-    import numpy as np
-
-    from meerkat_fl.vp import detection_signals
-
-    rows = []
-    for seed in seeds:
-        for record in gradip_records(Cell(task, "meerkat", f"drift-T{t}-{skew}", lr, seed, "test")) or []:
-            values = np.abs(np.asarray(record["gradip"], dtype=np.float64))
-            if len(values) < 5:  # a client cut short (fewer than 5 steps): no fifths to compare
-                continue
-            fifth = len(values) // 5
-            signals = detection_signals(values, (0, fifth), (len(values) // 2, len(values)), **ROUND_DETECTOR)
-            late = float(values[-fifth:].mean())
-            rows.append({"seed": seed, "round": record["round"], "client_id": record["client_id"],
-                         "decay": math.inf if late == 0 else float(values[:fifth].mean()) / late,
-                         "flagged": signals.flagged})
-    return rows
-
-
-def auc(positive: list[float], negative: list[float]) -> float:
-    """P(a positive's score > a negative's), ties counting half (the Mann-Whitney AUC); NaN when one side is
-    empty. Written out: two short lists, not worth a scipy dependency."""
-    if not positive or not negative:
-        return math.nan
-    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
-    return wins / (len(positive) * len(negative))
-
-
-def drift_gradip(data: dict[str, Any], tasks) -> dict[str, Any]:
-    """Claim 2d's GradIP phenomenon within a round, per task and T: each skew's client-round decays, the share
-    the round-scaled detector flags, and how well decay tells a one-label client from an IID one (AUC)."""
-    out: dict[str, Any] = {}
-    for task in tasks:
-        lr = data["lrs"].get(task, {}).get("meerkat")
-        for t in DRIFT_GRADIP_T:
-            groups = {}
-            for skew in grid.DRIFT_SKEWS:
-                seeds = data["results"].get(f"{task}/meerkat/drift-T{t}-{skew}", {}).get("seeds", [])
-                rows = round_decays(task, lr, t, skew, seeds) if lr and seeds else []
-                if rows:
-                    decays = sorted(r["decay"] for r in rows)
-                    groups[skew] = {"seeds": seeds, "client_rounds": len(rows),
-                                    "median_decay": statistics.median(decays),
-                                    "decayed_2x": sum(d >= 2 for d in decays) / len(rows),
-                                    "flagged": sum(r["flagged"] for r in rows) / len(rows),
-                                    "decays": decays}
-            if "iid" in groups:
-                for skew, group in groups.items():
-                    if skew != "iid":
-                        group["auc_vs_iid"] = auc(group["decays"], groups["iid"]["decays"])
-            if groups:
-                out[f"{task}/T{t}"] = groups
-    return out
-
-
-def drift_gradip_lines(summary: dict[str, Any]) -> list[str]:
-    """The within-round GradIP table under claim 2d (nothing when no T >= 10 cell is cached)."""
-    if not summary:
-        return []
-    lines = [("GradIP within a round (Meerkat; a client's T consecutive local steps between syncs): the decay is the "
-             "mean |GradIP| of the round's first fifth over its last fifth; flagged is benchmarks/vp.py's detector "
-             "(2x decay, half the late steps below 0.25x the early mean) on windows scaled to the round; AUC is the "
-             "chance that a Non-IID client-round decays more than an IID one (0.5: indistinguishable)."), "",
-             "| task | T | partition | seeds | client-rounds | median decay | decayed >= 2x | flagged | AUC vs IID |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for key, groups in summary.items():
-        task, t = key.split("/")
-        for skew, g in groups.items():
-            score = "-" if "auc_vs_iid" not in g else f"{g['auc_vs_iid']:.2f}"
-            lines.append(f"| {task} | {t[1:]} | {skew} | {','.join(map(str, g['seeds']))} | {g['client_rounds']} "
-                         f"| {g['median_decay']:.2f} | {g['decayed_2x']:.0%} | {g['flagged']:.0%} | {score} |")
-    return [*lines, ""]
-
-
 def plot(data: dict[str, Any], tasks, out: Path) -> Path | None:
     import matplotlib
 
@@ -351,90 +276,6 @@ def plot(data: dict[str, Any], tasks, out: Path) -> Path | None:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:  # a task with no cells yet has nothing to label
                 ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def plot_drift_gradip(data: dict[str, Any], summary: dict[str, Any], out: Path) -> Path | None:
-    """Claim 2d's phenomenon: |GradIP| against the local step within a round (geometric mean over every seed,
-    round and client), one panel per task and T, one line per partition."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    if not summary:
-        return None
-    fig, axes = plt.subplots(1, len(summary), figsize=(5.5 * len(summary), 4), squeeze=False)
-    for ax, (key, groups) in zip(axes[0], summary.items()):
-        task, t = key.split("/")
-        lr = data["lrs"][task]["meerkat"]
-        for i, (skew, group) in enumerate(groups.items()):
-            rows = [np.abs(np.asarray(r["gradip"], dtype=np.float64)) for seed in group["seeds"]
-                    for r in gradip_records(Cell(task, "meerkat", f"drift-{t}-{skew}", lr, seed, "test")) or []
-                    if len(r["gradip"]) == int(t[1:])]  # whole rounds only
-            if rows:
-                curve = np.exp(np.log(np.maximum(np.stack(rows), 1e-12)).mean(axis=0))
-                ax.plot(np.arange(1, len(curve) + 1), curve, color=f"C{i}",
-                        label=f"{skew} ({len(rows)} client-rounds, median decay {group['median_decay']:.1f}x)")
-        ax.set(title=f"{task}, T={t[1:]}: Meerkat, 100 local steps per client", xlabel="local step within the round",
-               ylabel="|GradIP| (geometric mean)", yscale="log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def gradip_records(cell: Cell) -> list[dict[str, Any]] | None:
-    """The cell's GradIP records: from its cache, else from its run folder (then added to the cache)."""
-    path = grid.CELLS / f"{cell.key}.json"
-    if not path.exists():
-        return None
-    result = json.loads(path.read_text())
-    if "gradip" not in result:
-        log = grid.RUNS / cell.key / "gradip.jsonl"
-        if not log.exists():
-            return None
-        result["gradip"] = [json.loads(line) for line in log.read_text().splitlines() if line]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(path)
-    return result["gradip"]
-
-
-def plot_gradip(data: dict[str, Any], tasks, out: Path) -> Path | None:
-    """|GradIP| per client vs its local step, Meerkat's base cells (every seed), one panel per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from meerkat_fl.vp import trajectories_from_records
-
-    panels = []
-    for task in tasks:
-        lr = data["lrs"].get(task, {}).get("meerkat")
-        runs = [gradip_records(Cell(task, "meerkat", "base", lr, seed, "test")) for seed in grid.SEEDS] if lr else []
-        if any(runs):
-            panels.append((task, [r for r in runs if r]))
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (task, runs) in zip(axes[0], panels):
-        for seed, records in enumerate(runs):
-            for trajectory in trajectories_from_records(records).values():
-                magnitude = np.abs(trajectory)
-                ax.plot(np.arange(1, len(magnitude) + 1), np.where(magnitude > 0, magnitude, np.nan),
-                        color=f"C{seed}", alpha=0.5, lw=0.9)
-        ax.set(title=f"{task}: Meerkat, Dirichlet 0.5 (colour = seed, line = client)", xlabel="local step of the client",
-               ylabel="|GradIP|", yscale="log")
-        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

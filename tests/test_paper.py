@@ -24,11 +24,12 @@ REPO = Path(__file__).resolve().parents[1]
 def paper(tmp_path, monkeypatch):
     """benchmarks/paper.py with its cache, run folders and locks under tmp_path, on the tiny model.
 
-    The script and its modules (paper_grid, paper_cells, paper_report) are loaded afresh for each test; settings
+    The script and its modules (paper_grid, paper_cells, paper_gradip, paper_report) are loaded afresh for each
+    test; settings
     and paths are patched on ``paper.grid``, where every module reads them, and runners on ``paper.cells``.
     """
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # where the script finds its modules
-    for name in ("paper_grid", "paper_cells", "paper_report"):  # fresh module state (WORKER_PASS) per test
+    for name in ("paper_grid", "paper_cells", "paper_gradip", "paper_report"):  # fresh module state per test
         monkeypatch.delitem(sys.modules, name, raising=False)
     spec = importlib.util.spec_from_file_location("paper_harness", REPO / "benchmarks" / "paper.py")
     module = importlib.util.module_from_spec(spec)
@@ -232,7 +233,9 @@ def test_every_cached_tuning_choice_is_rebuilt_unchanged(paper, monkeypatch):
         for method, lr in lrs.items():
             pending: list[str] = []
             assert paper.tuned_lr(task, method, False, pending) == lr, (task, method)
-            assert (pending == []) == (lr is not None), (task, method, pending)  # None: its grid is not all run
+            # None: the first-order ceiling's grid, added after the rest, is not all run yet
+            assert (pending == []) == (lr is not None) and (lr is not None or method == paper.grid.CEILING), (
+                task, method, pending)
             checked += lr is not None
     assert checked >= 16
 
@@ -355,8 +358,13 @@ def test_the_first_order_ceiling_runs_backprop_at_its_own_lr_and_is_reported_bes
     text = paper.report(paper.collect(["sst2"], ["1"], [0, 1, 2], run=False), ["sst2"], ["1"])
     assert "| task | meerkat | random | fedavg_fo |" in text and "| 0.810 ± 0.010 (n=3) |" in text
     assert f"meerkat vs {grid.CEILING}:" not in text  # not a competitor the claim must beat
-    line = next(x for x in text.splitlines() if "first-order ceiling" in x)
-    assert "paired by seed: " in line and "-0.100" in line  # Meerkat 0.100 below its ceiling on every seed
+    line = next(x for x in text.splitlines() if "first-order ceiling" in x)  # a gap, with no verdict word
+    assert line == ("- sst2: meerkat minus the first-order ceiling (fedavg_fo): -0.100 ± 0.008 (Welch), "
+                    "-0.100 ± 0.000 (paired by seed)")
+    monkeypatch.setattr(paper.cells, "fetch", lambda cell, run, pending: None if cell.method == grid.CEILING
+                        else fake(cell, run, pending))  # no ceiling cell yet: no ceiling line
+    text = paper.report(paper.collect(["sst2"], ["1"], [0, 1, 2], run=False), ["sst2"], ["1"])
+    assert "first-order ceiling" not in text and "meerkat vs random" in text
 
 
 def test_the_drift_claim_reports_gradip_decay_within_a_round_and_how_well_it_separates_one_label_clients(paper):
@@ -375,7 +383,22 @@ def test_the_drift_claim_reports_gradip_decay_within_a_round_and_how_well_it_sep
                        for r in (1, 2) for c in range(3)]
             (grid.CELLS / f"{cell.key}.json").write_text(json.dumps({"gradip": records}))
         results[f"sst2/meerkat/drift-T50-{skew}"] = {"seeds": [0, 1]}
+    steps10 = np.arange(10)
+    ten = {"iid": 1.0 + 9.0 * ((steps10 >= 2) & (steps10 < 4)),  # loud only just after the early fifth: no decay
+           "pathological": 1.0 + 9.0 * (steps10 < 2)}  # loud only in the early fifth [0, 2): decays 10x, flagged
+    for skew, values in ten.items():
+        cell = paper.Cell("sst2", "meerkat", f"drift-T10-{skew}", 5e-4, 0, "test")
+        records = [{"round": 1, "client_id": 0, "gradip": list(values)},
+                   {"round": 2, "client_id": 0, "gradip": list(values[:7])},  # cut short: left out
+                   {"round": 3, "client_id": 0, "gradip": [float("nan"), *values[1:]]},  # not finite: left out
+                   {"round": 4, "client_id": 0, "gradip": [0.0] * 10}]  # no ratio to take: left out
+        (grid.CELLS / f"{cell.key}.json").write_text(json.dumps({"gradip": records}))
+        results[f"sst2/meerkat/drift-T10-{skew}"] = {"seeds": [0, 1]}  # seed 1 has no cached cell
     data = {"lrs": {"sst2": {"meerkat": 5e-4}}, "results": results}
+    at10 = paper.drift_gradip(data, ["sst2"])["sst2/T10"]
+    assert at10["iid"]["client_rounds"] == at10["pathological"]["client_rounds"] == 1
+    assert at10["iid"]["seeds"] == [0] and at10["iid"]["median_decay"] == 1.0 and at10["iid"]["flagged"] == 0.0
+    assert at10["pathological"]["median_decay"] == 10.0 and at10["pathological"]["flagged"] == 1.0
     summary = paper.drift_gradip(data, ["sst2"])["sst2/T50"]
     assert summary["iid"]["client_rounds"] == summary["pathological"]["client_rounds"] == 12
     assert summary["iid"]["decayed_2x"] == 0.0 and summary["iid"]["flagged"] == 0.0
