@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from paper_grid import DRIFT_EVAL_SIZE  # the whole test split, as in claim 2d
+
 from meerkat_fl import config
 from meerkat_fl.fed.simulate import simulate
 from meerkat_fl.report import detection_table, gradip_analysis, plot_gradip
@@ -79,7 +81,6 @@ QUICK = [  # the same pipeline on the tiny random Llama: seconds, not minutes
 # split (SST-2 dev 872, AG News a seeded 1,000, as in claim 2d).
 DRIFT = ["task.train_size=2000", "task.max_length=48", "zo.batch_size=8", "zo.lr=5e-4", "fed.local_steps=50",
          "fed.rounds=3", "vp.calibration_steps=50", "vp.early_window=[0, 10]", "vp.late_window=[25, 50]"]
-DRIFT_EVAL_SIZE = {"sst2": 872, "ag_news": 1000}
 PROFILES = {"short": [], "drift": DRIFT}
 # --quick --profile drift: calibration is still exactly the first round, as in DRIFT
 QUICK_DRIFT = ["fed.local_steps=4", "vp.calibration_steps=4", "vp.early_window=[0, 1]", "vp.late_window=[2, 4]"]
