@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from paper_grid import DRIFT_EVAL_SIZE  # the whole test split, as in claim 2d
+from paper_report import paired_verdict
 
 from meerkat_fl import config
 from meerkat_fl.fed.simulate import simulate
@@ -233,6 +234,14 @@ def main() -> None:
         lines.append(f"| {task} | {cell(out['acc_meerkat'][task])} | {cell(out['acc_meerkat_vp'][task])} "
                      f"| {cell(out['acc_random_stop'][task])} | {cell(out['precision'][task])} "
                      f"| {cell(out['recall'][task])} | {steps_cell} |")
+    # Meerkat-vp against each reference, paired by seed (a seed fixes the data, partition and shared prefix of
+    # all three methods), with the detectable difference, by paper.py's rule
+    lines += ["", "| task | meerkat_vp - meerkat | meerkat_vp - random_stop |", "|---|---|---|"]
+    out["paired"] = {}
+    for task in per_seed:
+        by = {m: {int(s): a for s, a in out[f"acc_{m}"][task].items() if a is not None} for m in METHODS}
+        out["paired"][task] = {ref: paired_verdict(by["meerkat_vp"], by[ref]) for ref in ("meerkat", "random_stop")}
+        lines.append(f"| {task} | {out['paired'][task]['meerkat']} | {out['paired'][task]['random_stop']} |")
     table = "\n".join(lines)
     out["table"] = table
     path = args.json or results / ("vp.json" if args.profile == "short" else f"vp_{args.profile}.json")
