@@ -82,7 +82,7 @@ METHODS: dict[str, tuple[list[str], float, str | None]] = {
 CEILING = "fedavg_fo"
 LR_KEYS = {"fedavg_fo": "fo.lr"}  # the key a method's lr sets (the rest: zo.lr)
 # A backprop lr is not a ZO lr moved by density: the ceiling's grid is centred on the registry's (untuned) SGD
-# preset for the mask, 3e-3, with one more x4 step up (a noise-free step can take a far larger lr than ZO's).
+# preset for the mask, 3e-3, with two more x4 steps up (a noise-free step can take a far larger lr than ZO's).
 LR_CENTRES = {"fedavg_fo": 3e-3}
 
 PATHOLOGICAL = ["fed.partition='pathological'", "fed.labels_per_client=1"]
