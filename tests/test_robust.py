@@ -25,12 +25,31 @@ def test_norm_clip_scales_only_the_client_above_the_bound():
     honest = {0: np.array([0.3, -0.4], np.float32), 1: np.array([0.6, 0.8], np.float32),
               2: np.array([-1.2, 0.9], np.float32)}
     scalars, metrics = ScalarClip("norm", 2.0).apply({**honest, 3: np.array([9e5, -9e5], np.float32)})
-    assert metrics["clip_bound"] == pytest.approx(2.0 * 1.0)  # norms 0.5, 1, 1.5, 1.27e6: lower median 1
+    # norms 0.5, 1, 1.5, 1.27e6 over 2 scalars each: root-mean-squares norm / sqrt(2), lower median 1 / sqrt(2)
+    assert metrics["clip_bound"] == pytest.approx(2.0 / np.sqrt(2.0))
     for cid, values in honest.items():
         assert scalars[cid] is values or np.array_equal(scalars[cid], values)  # bit for bit
-    assert np.linalg.norm(scalars[3]) == pytest.approx(2.0, rel=1e-6)
+    assert np.linalg.norm(scalars[3]) == pytest.approx(2.0, rel=1e-6)  # bound x sqrt(2 scalars)
     assert np.sign(scalars[3]).tolist() == [1.0, -1.0]  # the direction is kept
     assert metrics["clipped_by_client"] == {"0": 0, "1": 0, "2": 0, "3": 2}
+
+
+def test_norm_clip_bounds_each_step_so_clients_taking_more_steps_are_not_scaled_down():
+    # Meerkat-vp's round after detection: 4 stopped clients take 1 step, 2 take 50, all with scalars of the
+    # same size. A bound on whole-vector norms (lower median 1.0, factor 4) scaled the 50-step clients (norm
+    # sqrt(50) = 7.07) down to 4; per step, nobody is above the bound.
+    rng = np.random.default_rng(0)
+    signs = lambda n: rng.choice([-1.0, 1.0], n).astype(np.float32)
+    replies = {**{cid: signs(1) for cid in range(4)}, 4: signs(50), 5: signs(50)}
+    scalars, metrics = ScalarClip("norm", 4.0).apply(replies)
+    assert metrics["clipped_by_client"] == {str(cid): 0 for cid in range(6)}
+    assert all(np.array_equal(scalars[cid], replies[cid]) for cid in replies)
+    # a one-step client is held to factor x the round's typical step, a 50-step one to that times sqrt(50)
+    scalars, metrics = ScalarClip("norm", 4.0).apply({**replies, 0: np.array([100.0], np.float32),
+                                                      5: signs(50) * np.float32(100.0)})
+    assert metrics["clipped_by_client"]["0"] == 1 and metrics["clipped_by_client"]["5"] == 50
+    assert abs(float(scalars[0][0])) == pytest.approx(4.0, rel=1e-6)
+    assert np.linalg.norm(scalars[5]) == pytest.approx(4.0 * np.sqrt(50.0), rel=1e-6)
 
 
 def test_scalar_clip_bounds_every_scalar_and_none_keeps_everything():

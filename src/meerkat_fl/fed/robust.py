@@ -6,9 +6,13 @@ norm is lr * ||g||_2 * sqrt(masked values), up to noise (``method.md`` section 2
 seeds, the lr and the weight p_k (from the data sizes it holds, not from anything a client reports), so
 the scalars are the client's only lever, and bounding them bounds its influence. Rules (``fed.clip``):
 
-- ``norm`` (default): each client's scalar vector is scaled down, if needed, to norm <= factor x the lower
-  median of the round's accepted clients' norms. Scaling keeps the client's direction (an honest client
-  clipped on a noisy round still descends); the bound follows the honest majority as gradients shrink.
+- ``norm`` (default): each client's scalar vector is scaled down, if needed, to root-mean-square
+  ||g||_2 / sqrt(len g) <= factor x the lower median of the round's accepted clients' root-mean-squares, i.e.
+  to norm <= that bound x sqrt(its own step count). Scaling keeps the client's direction (an honest client
+  clipped on a noisy round still descends); the bound follows the honest majority as gradients shrink. Per
+  step, not per vector: an honest client's norm grows as the square root of its step count, and clients of one
+  round may take different counts (Meerkat-vp's stopped clients take 1 step while the rest take T); a bound on
+  whole-vector norms held the clients still taking T steps to a few one-step norms and scaled them down.
 - ``scalar``: each scalar is clipped to |g| <= factor x the lower median of all the round's |g|.
 - ``none``: only the absolute cap (``fed.max_abs_scalar``, a reply above it is rejected whole).
 
@@ -42,6 +46,12 @@ def lower_median(values: np.ndarray) -> float:
     return float(ordered[(ordered.size - 1) // 2])
 
 
+def _rms(scalars: np.ndarray) -> float:
+    """||g||_2 / sqrt(len g) in float64: a client's typical scalar, whatever its step count (len g >= 1)."""
+    values = np.asarray(scalars, dtype=np.float64)
+    return float(np.linalg.norm(values) / np.sqrt(values.size))
+
+
 @dataclass(frozen=True)
 class ScalarClip:
     """The per-round bound on accepted clients' scalars (pure: the same inputs give the same bits)."""
@@ -56,12 +66,12 @@ class ScalarClip:
             raise ValueError(f"clip factor must be finite and > 0, got {self.factor!r}")
 
     def bound(self, scalars: Mapping[int, np.ndarray]) -> float | None:
-        """The round's bound: on each client's ||g||_2 ("norm") or on each |g_t| ("scalar"); None if none."""
+        """The round's bound: on each client's root-mean-square scalar ("norm") or on each |g_t| ("scalar");
+        None if none."""
         if self.rule == "none" or not scalars:
             return None
         if self.rule == "norm":
-            norms = np.array([np.linalg.norm(s.astype(np.float64)) for s in scalars.values()])
-            return self.factor * lower_median(norms)
+            return self.factor * lower_median(np.array([_rms(s) for s in scalars.values()]))
         every = np.concatenate([np.abs(s.astype(np.float64)) for s in scalars.values()])
         return self.factor * lower_median(every) if every.size else None
 
@@ -75,9 +85,9 @@ class ScalarClip:
             if bound is None:
                 kept = values
             elif self.rule == "norm":
-                norm = float(np.linalg.norm(values.astype(np.float64)))
+                rms = _rms(values)
                 # float32 arithmetic on the sender's side only: the result travels, nobody recomputes it
-                kept = values * np.float32(bound / norm) if norm > bound else values
+                kept = values * np.float32(bound / rms) if rms > bound else values
             else:
                 limit = np.float32(bound)
                 kept = np.clip(values, -limit, limit)
