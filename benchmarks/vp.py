@@ -133,8 +133,18 @@ def run_method(cfg, method: str, folder: Path, prefix: Path) -> dict[str, Any]:
             shutil.rmtree(out)
         shutil.copytree(prefix, out, ignore=shutil.ignore_patterns("prefix.done", "gradip.png"))
         RunDir.create(out, method_cfg)  # this method's resolved config replaces the prefix's
-    # the prefix's checkpoint continues as this method: only its method keys may differ from the prefix's
-    return simulate(method_cfg, out, resume=True, progress=False, allow_changed=("fed.strategy", "vp.control"))
+    # the prefix's checkpoint continues as this method: only its method keys may differ from the prefix's, and
+    # the clip rule where the prefix's never changed a scalar (its bits are then those of fed.clip='none')
+    allowed = ("fed.strategy", "vp.control", *(("fed.clip",) if never_clipped(prefix) else ()))
+    return simulate(method_cfg, out, resume=True, progress=False, allow_changed=allowed)
+
+
+def never_clipped(run: Path) -> bool:
+    """True when no round of ``run`` scaled a scalar or rejected a reply. The drift prefixes of 2026-12-03 ran
+    under the default norm clip before FULL pinned fed.clip='none'; it never triggered in them, so they are
+    the same bits as unclipped prefixes and continue as such."""
+    rows = RunDir(run).read_metrics()
+    return all(not any(r.get("clipped_by_client", {}).values()) and not r.get("rejected") for r in rows)
 
 
 def run_record(out: Path, summary: dict[str, Any]) -> dict[str, Any]:
