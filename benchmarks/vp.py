@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from paper_grid import DRIFT_EVAL_SIZE  # the whole test split, as in claim 2d
-from paper_report import paired_verdict
+from paper_report import mean_std, paired_verdict
 
 from meerkat_fl import config
 from meerkat_fl.fed.simulate import simulate
@@ -194,11 +194,11 @@ def run_cell(task: str, seed: int, args, results: Path, runs: Path) -> dict[str,
     return records
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+def finite_mean_std(values: list[float | None]) -> tuple[float, float]:
+    """The paper grid's mean and standard deviation over the seeds that have a number (a missing or NaN
+    accuracy is a run that did not finish, not a zero)."""
     finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.mean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return mean_std(finite) if finite else (math.nan, math.nan)
 
 
 def main() -> None:
@@ -245,7 +245,7 @@ def main() -> None:
         for method in METHODS:
             out[f"acc_{method}"][task] = {s: r[method]["final_eval_accuracy"] for s, r in seeds.items()}
         out["local_steps"][task] = {m: {s: r[m]["local_steps_run"] for s, r in seeds.items()} for m in METHODS}
-        cell = lambda d: "{:.3f} ± {:.3f}".format(*mean_std(list(d.values())))
+        cell = lambda d: "{:.3f} ± {:.3f}".format(*finite_mean_std(list(d.values())))
         steps_cell = " / ".join(f"{statistics.mean(out['local_steps'][task][m].values()):.0f}" for m in METHODS)
         lines.append(f"| {task} | {cell(out['acc_meerkat'][task])} | {cell(out['acc_meerkat_vp'][task])} "
                      f"| {cell(out['acc_random_stop'][task])} | {cell(out['precision'][task])} "
