@@ -1,4 +1,5 @@
-"""benchmarks/vp.py: which cached prefixes may continue as unclipped runs."""
+"""Meerkat-vp's benchmark helpers: which cached prefixes vp.py may continue as unclipped runs, and
+label_shares.py's per-label view of a finished run."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from meerkat_fl import config
 from meerkat_fl.errors import DataError
+from meerkat_fl.fed.simulate import simulate
 from meerkat_fl.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,3 +62,28 @@ def test_a_damaged_prefix_log_is_a_one_line_data_error(vp, tmp_path):
     (run / "metrics.jsonl").write_bytes(b"\xff\xfe not json\n")
     with pytest.raises(DataError, match="not UTF-8"):
         vp.never_clipped(run)
+
+
+@pytest.fixture()
+def shares(monkeypatch):
+    spec = importlib.util.spec_from_file_location("label_shares", REPO / "benchmarks" / "label_shares.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_label_shares_show_a_model_that_predicts_one_label(shares):
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    out = shares.label_shares(np.array([1, 1, 1, 0, 1, 1, 1, 1]), labels, 3)
+    assert out["accuracy"] == pytest.approx(5 / 8)
+    assert out["predicted_share"] == pytest.approx([1 / 8, 7 / 8, 0.0])
+    assert out["true_share"] == pytest.approx([0.5, 0.5, 0.0])
+    assert out["recall"][:2] == pytest.approx([0.25, 1.0]) and np.isnan(out["recall"][2])  # label 2: no rows
+
+
+def test_label_shares_of_a_finished_run_reproduce_its_reported_accuracy(shares, tiny_cfg, tmp_path):
+    run = tmp_path / "run"
+    summary = simulate(config.apply_overrides(tiny_cfg, ["fed.rounds=2"]), run, progress=False)
+    out = shares.run_shares(run)
+    assert out["accuracy"] == pytest.approx(summary["final/accuracy"])
+    assert sum(out["predicted_share"]) == pytest.approx(1.0) and sum(out["true_share"]) == pytest.approx(1.0)
