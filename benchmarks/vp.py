@@ -92,8 +92,10 @@ PROFILES = {"short": [], "drift": DRIFT}
 # --quick --profile drift: calibration is still exactly the first round, as in DRIFT
 QUICK_DRIFT = ["fed.local_steps=4", "vp.calibration_steps=4", "vp.early_window=[0, 1]", "vp.late_window=[2, 4]"]
 # SmolLM2 two forwards, batch 4 x 40 / 8 x 48, 2 CPU cores (the printed estimate; evaluations not counted:
-# about 36 s per 872-row evaluation, 4 per (task, seed) with --profile drift)
-SECONDS_PER_STEP = {"short": 0.8, "drift": 0.95}
+# about 36 s per 872-row evaluation, 4 per (task, seed) with --profile drift). drift: SST-2 seed 2's rounds took
+# 2,077 s for 1,904 local steps (the step alone is 0.95 s; the rest is the server's replay and GradIP); with its
+# 4 evaluations and model loads that cell took about 40 minutes
+SECONDS_PER_STEP = {"short": 0.8, "drift": 1.1}
 
 
 def cell_config(task: str, seed: int, quick: bool, overrides: list[str], profile: str = "short"):
@@ -195,8 +197,8 @@ def run_cell(task: str, seed: int, args, results: Path, runs: Path) -> dict[str,
 
 
 def finite_mean_std(values: list[float | None]) -> tuple[float, float]:
-    """The paper grid's mean and standard deviation over the seeds that have a number (a missing or NaN
-    accuracy is a run that did not finish, not a zero)."""
+    """The paper grid's mean and standard deviation over the seeds that have a number: None or NaN is a seed
+    with nothing to average (precision when nothing was flagged, recall with no one-label client), not a zero."""
     finite = [v for v in values if v is not None and not math.isnan(v)]
     return mean_std(finite) if finite else (math.nan, math.nan)
 

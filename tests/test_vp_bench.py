@@ -4,6 +4,7 @@ label_shares.py's per-label view of a finished run."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -41,31 +42,33 @@ def round_row(n: int, clipped: dict[str, int], rejected: dict[str, str] | None =
     return {"round": n, "clip_bound": 0.5, "clipped_by_client": clipped, "rejected": rejected or {}}
 
 
-def test_a_prefix_continues_unclipped_only_when_its_clip_never_changed_a_scalar(vp, tmp_path):
+def test_a_prefix_whose_clip_never_changed_a_scalar_continues_unclipped(vp, tmp_path):
     quiet = write_rows(tmp_path / "quiet", [round_row(1, {"0": 0, "1": 0}), round_row(2, {"0": 0, "1": 0})])
     assert vp.never_clipped(quiet)
 
+
+def test_a_prefix_with_one_clipped_scalar_does_not(vp, tmp_path):
     clipped = write_rows(tmp_path / "clipped", [round_row(1, {"0": 0, "1": 0}), round_row(2, {"0": 0, "1": 3})])
     assert not vp.never_clipped(clipped)
 
+
+def test_a_prefix_with_a_rejected_reply_does_not(vp, tmp_path):
     rejected = write_rows(tmp_path / "rejected", [round_row(1, {"0": 0}, rejected={"1": "wrong step count"})])
     assert not vp.never_clipped(rejected)
 
-    # a run under fed.clip='none' logs no clip fields at all: nothing was changed
-    unclipped = write_rows(tmp_path / "unclipped", [{"round": 1, "rejected": {}}])
-    assert vp.never_clipped(unclipped)
+
+def test_a_prefix_run_without_a_clip_logs_no_clip_fields_and_continues(vp, tmp_path):
+    assert vp.never_clipped(write_rows(tmp_path / "unclipped", [{"round": 1, "rejected": {}}]))
 
 
-def test_a_damaged_prefix_log_is_a_one_line_data_error(vp, tmp_path):
-    run = tmp_path / "damaged"
-    run.mkdir()
-    (run / "metrics.jsonl").write_bytes(b"\xff\xfe not json\n")
-    with pytest.raises(DataError, match="not UTF-8"):
-        vp.never_clipped(run)
+def test_the_seed_mean_skips_seeds_without_a_number(vp):
+    assert vp.finite_mean_std([0.5, None, 0.7, float("nan")]) == pytest.approx((0.6, 0.1414213562))
+    assert vp.finite_mean_std([0.5]) == (0.5, 0.0)
+    assert all(np.isnan(vp.finite_mean_std([None, float("nan")])))
 
 
 @pytest.fixture()
-def shares(monkeypatch):
+def shares():
     spec = importlib.util.spec_from_file_location("label_shares", REPO / "benchmarks" / "label_shares.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -83,7 +86,26 @@ def test_label_shares_show_a_model_that_predicts_one_label(shares):
 
 def test_label_shares_of_a_finished_run_reproduce_its_reported_accuracy(shares, tiny_cfg, tmp_path):
     run = tmp_path / "run"
-    summary = simulate(config.apply_overrides(tiny_cfg, ["fed.rounds=2"]), run, progress=False)
+    # density 0.1: the patch moves enough weights for the tiny model's predictions to change
+    summary = simulate(config.apply_overrides(tiny_cfg, ["fed.rounds=2", "mask.density=0.1"]), run, progress=False)
+    assert summary["final/accuracy"] != summary["zero_shot/accuracy"]
     out = shares.run_shares(run)
     assert out["accuracy"] == pytest.approx(summary["final/accuracy"])
     assert sum(out["predicted_share"]) == pytest.approx(1.0) and sum(out["true_share"]) == pytest.approx(1.0)
+
+    # a summary that does not match the folder's patch is refused, not described
+    (run / "summary.json").write_text(json.dumps({**summary, "final/accuracy": 0.123}))
+    with pytest.raises(DataError, match="differs from the reported 0.1230"):
+        shares.run_shares(run)
+
+
+def test_a_folder_that_is_not_a_finished_run_is_a_one_line_error_before_any_evaluation(shares, tmp_path, capsys,
+                                                                                          monkeypatch):
+    (tmp_path / "good").mkdir()
+    monkeypatch.setattr(sys, "argv", ["label_shares.py", str(tmp_path / "missing"), "--json", str(tmp_path / "o.json")])
+    with pytest.raises(SystemExit, match=r"label_shares: error: config file .*missing/config.toml does not exist"):
+        shares.main()
+    monkeypatch.setattr(sys, "argv", ["label_shares.py", str(tmp_path / "good"), "--json", str(tmp_path)])
+    with pytest.raises(SystemExit, match="is a folder; give a file path"):
+        shares.main()
+    assert not (tmp_path / "o.json").exists()
