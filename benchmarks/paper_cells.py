@@ -27,6 +27,7 @@ import paper_grid as grid  # settings and paths read as grid.X, so a test patchi
 from paper_grid import Cell, lr_grid
 
 from meerkat_fl import config, tune
+from meerkat_fl.environment import device_name
 from meerkat_fl.fed.simulate import simulate
 from meerkat_fl.rundir import EVAL, ZERO_SHOT, primary_metric, read_metric
 from meerkat_fl.tune import run_score as score  # cells written before metrics had names read by their task
@@ -108,7 +109,8 @@ def _run(cell: Cell, path: Path) -> dict[str, Any]:
         total += row["bytes_up"] + row["bytes_down"]
         if read_metric(row, EVAL, metric) is not None:
             curve.append([row["round"], total, read_metric(row, EVAL, metric)])
-    result = {"cell": dataclasses.asdict(cell), "summary": summary, "curve": curve}
+    result = {"cell": dataclasses.asdict(cell), "summary": summary, "curve": curve,
+              "device": device_name(cfg.model.device)}
     if (out / "gradip.jsonl").exists():  # sensitive masks: GradIP of every replayed step (a few KB)
         result["gradip"] = [json.loads(line) for line in (out / "gradip.jsonl").read_text().splitlines() if line]
     grid.CELLS.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,10 @@ BASE = [
     # (cell keys do not name the noise; re-running a cell must reproduce its cached result)
     "zo.noise_generator='torch_cpu'", "zo.noise='gaussian'",
 ]
+# Where cells run: $MEERKAT_PAPER_DEVICE (cpu unless set, e.g. cuda). Not in a cell's key: a cell is the same
+# experiment on any device (float32 scalars on a CPU and on CUDA correlate 0.99999999, benchmarks/gpu_check.py),
+# and each cell's JSON records the device it ran on.
+DEVICE = os.environ.get("MEERKAT_PAPER_DEVICE", "cpu")
 TASKS = ("sst2", "ag_news")  # the default grid
 EXTRA_TASKS = ("rte",)  # opt-in with --tasks: RTE's cells are not all run yet
 # Per-task additions to BASE. RTE's premise + hypothesis prompts have a median of 67 tokens (48 would cut
@@ -172,7 +176,7 @@ class Cell:
         whole = [f"task.eval_size={DRIFT_EVAL_SIZE[self.task]}"] if self.setting in DRIFT_SETTINGS else []
         return [*BASE, *TASK_OVERRIDES.get(self.task, []), f"task.name={self.task!r}", *extra,
                 *SETTINGS[self.setting], *whole, f"{LR_KEYS.get(self.method, 'zo.lr')}={self.lr!r}",
-                f"run.seed={self.seed}", *split]
+                f"run.seed={self.seed}", *split, *([f"model.device={DEVICE!r}"] if DEVICE != "cpu" else [])]
 
 
 def task_text(task: str) -> Path:

@@ -1,8 +1,10 @@
 """Config: TOML, dotted overrides, validation naming the key, resolved round trip."""
 
+import logging
+
 import pytest
 
-from meerkat_fl import config
+from meerkat_fl import config, config_checks
 from meerkat_fl.errors import ConfigError
 
 
@@ -79,3 +81,13 @@ def test_one_override_grammar_for_set_flower_run_config_and_node_config():
     assert set(node.overrides) == {'task.data_dir="/data"', 'model.source="tiny"'}
     with pytest.raises(ConfigError, match="a node may set only"):
         NodeSettings.from_node_config({"partition-id": 0, "zo.lr": 1.0})
+
+
+@pytest.mark.parametrize(("dtype", "eps", "warned"),
+                         [("bf16", 1e-3, True), ("bfloat16", 1e-2, False), ("float32", 1e-3, False), ("fp16", 1e-3, False)])
+def test_bf16_with_an_eps_below_its_rounding_warns(dtype, eps, warned, caplog):
+    config_checks._warn_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="meerkat_fl.config_checks"):
+        config.validate(config.load(None, [f"model.dtype={dtype!r}", f"zo.eps={eps!r}"]))
+        config.validate(config.load(None, [f"model.dtype={dtype!r}", f"zo.eps={eps!r}"]))  # warned once
+    assert caplog.text.count("bf16 rounding") == int(warned)

@@ -55,6 +55,9 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     data = paper.collect(["sst2"], ["1"], [0, 1, 2], run=True)
     assert data["pending"] == []
     cells = sorted(p.stem for p in paper.grid.CELLS.glob("*.json"))
+    from meerkat_fl.environment import device_name
+
+    assert json.loads((paper.grid.CELLS / f"{cells[0]}.json").read_text())["device"] == device_name("cpu")
     # each method's lr grid on validation (seed 0), then 3 test seeds x 2 methods at the chosen lr
     grid_points = len(paper.lr_grid("meerkat")) + len(paper.lr_grid("random"))
     assert grid_points == 3 + 9  # the random mask's grid has six more points above
@@ -200,6 +203,15 @@ def test_tuning_ties_go_to_the_smallest_lr(paper, monkeypatch):
     grid = paper.lr_grid("random")
     monkeypatch.setattr(paper.cells, "fetch", lambda cell, run, pending: {"summary": {"final_eval_accuracy": 0.5}})
     assert paper.tuned_lr("sst2", "random", False, []) == min(grid)
+
+
+def test_cells_run_on_meerkat_paper_device_under_the_same_key(paper, monkeypatch):
+    cell = paper.Cell("sst2", "meerkat", "drift-T1-iid", 5e-4, 0, "test")
+    assert not any(o.startswith("model.device=") for o in cell.overrides())  # the CPU: the config's default
+    key = cell.key
+    monkeypatch.setattr(paper.grid, "DEVICE", "cuda")
+    assert cell.overrides()[-1] == "model.device='cuda'"
+    assert cell.key == key  # a cell is the same experiment on any device; its JSON records where it ran
 
 
 def test_the_paper_grid_is_built_scored_and_chosen_by_the_library_tuner(paper, monkeypatch):

@@ -6,6 +6,8 @@ config_schema.py).
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -22,6 +24,12 @@ from meerkat_fl.methods import method_names
 from meerkat_fl.models import DEVICE_PATTERN
 from meerkat_fl.schedule import KINDS as SCHEDULE_KINDS
 from meerkat_fl.vp import CONTROLS as VP_CONTROLS
+
+logger = logging.getLogger(__name__)
+# bf16 weights round the two-point difference away at a small eps: ZO scalars against float32 on the same seeds
+# and batches correlate 0.63 at eps 1e-3 and 0.994 at 1e-2 on an H200, 0.23 and 0.68 on a CPU (fp16: 0.990 at
+# 1e-3). README, "Reduced precision"; benchmarks/gpu_check.py.
+BF16_MIN_EPS = 1e-2
 
 # Allowed values; those of methods, strategies, mask kinds, samplings, signals and controls are defined by the
 # registries and modules that own them.
@@ -118,7 +126,17 @@ def validate(cfg: Config) -> Config:
     _validate_vp(cfg)
     _validate_lora(cfg)
     _validate_fedkseed(cfg)
+    if cfg.model.dtype in ("bf16", "bfloat16") and cfg.zo.eps < BF16_MIN_EPS and cfg.fed.strategy != "fedavg_fo":
+        _warn_once(f"model.dtype={cfg.model.dtype} with zo.eps={cfg.zo.eps:g}: the two-point difference is mostly "
+                   f"bf16 rounding (scalars correlate 0.23-0.63 with float32 at eps 1e-3); use zo.eps>={BF16_MIN_EPS:g}, "
+                   "model.dtype=fp16 or float32 (README, Reduced precision)")
     return cfg
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Log a config warning once per process (a run validates its config more than once)."""
+    logger.warning(message)
 
 
 def _check_choices(flat: Mapping[str, Any]) -> None:
