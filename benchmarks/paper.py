@@ -50,6 +50,7 @@ from paper_report import (
     USEFUL_DIFFERENCE,
     bytes_to_beat,
     detectable,
+    devices_line,
     paired_difference,
     paired_verdict,
     plot,
@@ -58,10 +59,13 @@ from paper_report import (
     welch_difference,
 )
 
+from meerkat_fl.environment import device_name
+
 # what tests/test_paper.py reads from this script (it patches settings, paths and runners on the modules)
 __all__ = ["DENSE_CHECK_LR", "USEFUL_DIFFERENCE", "WORKER_PASS", "Busy", "Cell", "_lock", "auc", "bytes_to_beat",
-           "cells", "collect", "detectable", "drift_gradip", "drift_gradip_lines", "grid", "lr_grid", "main",
-           "paired_difference", "paired_verdict", "report", "run_cell", "tuned_lr", "verdict", "welch_difference"]
+           "cells", "collect", "detectable", "devices_line", "drift_gradip", "drift_gradip_lines", "grid", "lr_grid",
+           "main", "paired_difference", "paired_verdict", "report", "run_cell", "tuned_lr", "verdict",
+           "welch_difference"]
 
 
 def report_scope(args: argparse.Namespace) -> tuple[list[str], list[str], list[int]]:
@@ -110,14 +114,17 @@ def main() -> None:
     data = collect(report_tasks, report_claims, report_seeds, run=False)
     within = drift_gradip(data, report_tasks) if "2d" in report_claims else {}  # claim 2d's GradIP in a round
     text = report(data, report_tasks, sorted(report_claims), within)
+    mine = [p for p in grid.CELLS.glob("*.json") if p.stem.split("-")[1] in report_tasks]  # <split>-<task>-...
+    results = [json.loads(p.read_text()) for p in mine]
+    line = devices_line(results, device_name("cpu"))
+    text += f"\n{line}\n" if line else ""
     print(text)
     (grid.RESULTS / "paper").mkdir(parents=True, exist_ok=True)
     (grid.RESULTS / "paper" / "tables.md").write_text(text)
     png = plot(data, args.tasks, grid.RESULTS / "paper" / "accuracy.png")
     gradip_png = plot_gradip(data, args.tasks, grid.RESULTS / "paper" / "gradip.png")
     within_png = plot_drift_gradip(data, within, grid.RESULTS / "paper" / "gradip_drift.png")
-    mine = [p for p in grid.CELLS.glob("*.json") if p.stem.split("-")[1] in args.tasks]  # <split>-<task>-...
-    cell_seconds = sum(json.loads(p.read_text())["summary"]["wall_seconds"] for p in mine)
+    cell_seconds = sum(result["summary"]["wall_seconds"] for result in results)
     payload = {
         **data,
         "claims": {k: v[2] for k, v in grid.CLAIMS.items()},

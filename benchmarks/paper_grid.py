@@ -35,8 +35,10 @@ BASE = [
     "zo.noise_generator='torch_cpu'", "zo.noise='gaussian'",
 ]
 # Where cells run: $MEERKAT_PAPER_DEVICE (cpu unless set, e.g. cuda). Not in a cell's key: a cell is the same
-# experiment on any device (float32 scalars on a CPU and on CUDA correlate 0.99999999, benchmarks/gpu_check.py),
-# and each cell's JSON records the device it ran on.
+# experiment on any device, though not the same bits (float32 scalars on a CPU and on CUDA differ by about 1e-3
+# relative, benchmarks/results/gpu_replay.json), so a cell re-run on another device reproduces its result
+# statistically, not exactly. Each cell's JSON records its device (a resumed cell: the device that finished it),
+# and the tables count the cells per device when they ran on more than one.
 DEVICE = os.environ.get("MEERKAT_PAPER_DEVICE", "cpu")
 TASKS = ("sst2", "ag_news")  # the default grid
 EXTRA_TASKS = ("rte",)  # opt-in with --tasks: RTE's cells are not all run yet

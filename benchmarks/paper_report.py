@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,16 @@ def _rule(diff: float, se: float) -> str:
     if abs(diff) + detectable(se) < USEFUL_DIFFERENCE:
         return f"no effect larger than {USEFUL_DIFFERENCE:g} ({size})"
     return f"inconclusive ({size})"
+
+
+def devices_line(results: Iterable[dict[str, Any]], unrecorded: str) -> str:
+    """A line counting cells per device when they ran on more than one ("" otherwise). Cells written before
+    the device was recorded count as ``unrecorded`` (they all ran on CPUs)."""
+    counts = Counter(result.get("device", unrecorded) for result in results)
+    if len(counts) <= 1:
+        return ""
+    return ("Cells by device: " + ", ".join(f"{n} on {device}" for device, n in sorted(counts.items()))
+            + " (a cell's JSON names its device; CPU and CUDA float32 scalars differ by about 1e-3 relative).")
 
 
 def verdict(a: list[float], b: list[float]) -> str:

@@ -83,11 +83,17 @@ def test_one_override_grammar_for_set_flower_run_config_and_node_config():
         NodeSettings.from_node_config({"partition-id": 0, "zo.lr": 1.0})
 
 
-@pytest.mark.parametrize(("dtype", "eps", "warned"),
-                         [("bf16", 1e-3, True), ("bfloat16", 1e-2, False), ("float32", 1e-3, False), ("fp16", 1e-3, False)])
-def test_bf16_with_an_eps_below_its_rounding_warns(dtype, eps, warned, caplog):
+@pytest.mark.parametrize(("overrides", "warned"), [
+    (["model.dtype='bf16'", "zo.eps=1e-3"], True),
+    (["model.dtype='bfloat16'", "zo.eps=1e-3"], True),
+    (["model.dtype='bfloat16'", "zo.eps=1e-2"], False),
+    (["model.dtype='float32'", "zo.eps=1e-3"], False),
+    (["model.dtype='fp16'", "zo.eps=1e-3"], False),
+    (["model.dtype='bf16'", "zo.eps=1e-3", "method='fedavg_fo'"], False),  # first order: eps is not used
+])
+def test_bf16_with_an_eps_below_its_rounding_warns_once(overrides, warned, caplog):
     config_checks._warn_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="meerkat_fl.config_checks"):
-        config.validate(config.load(None, [f"model.dtype={dtype!r}", f"zo.eps={eps!r}"]))
-        config.validate(config.load(None, [f"model.dtype={dtype!r}", f"zo.eps={eps!r}"]))  # warned once
+        config.validate(config.load(None, overrides))
+        config.validate(config.load(None, overrides))
     assert caplog.text.count("bf16 rounding") == int(warned)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from meerkat_fl.environment import device_name
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,6 +31,7 @@ def paper(tmp_path, monkeypatch):
     and paths are patched on ``paper.grid``, where every module reads them, and runners on ``paper.cells``.
     """
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # where the script finds its modules
+    monkeypatch.delenv("MEERKAT_PAPER_DEVICE", raising=False)  # cells on the CPU, whatever the shell says
     for name in ("paper_grid", "paper_cells", "paper_gradip", "paper_report"):  # fresh module state per test
         monkeypatch.delitem(sys.modules, name, raising=False)
     spec = importlib.util.spec_from_file_location("paper_harness", REPO / "benchmarks" / "paper.py")
@@ -55,8 +58,6 @@ def test_harness_tunes_on_validation_runs_test_seeds_and_rebuilds_from_the_cache
     data = paper.collect(["sst2"], ["1"], [0, 1, 2], run=True)
     assert data["pending"] == []
     cells = sorted(p.stem for p in paper.grid.CELLS.glob("*.json"))
-    from meerkat_fl.environment import device_name
-
     assert json.loads((paper.grid.CELLS / f"{cells[0]}.json").read_text())["device"] == device_name("cpu")
     # each method's lr grid on validation (seed 0), then 3 test seeds x 2 methods at the chosen lr
     grid_points = len(paper.lr_grid("meerkat")) + len(paper.lr_grid("random"))
@@ -212,6 +213,13 @@ def test_cells_run_on_meerkat_paper_device_under_the_same_key(paper, monkeypatch
     monkeypatch.setattr(paper.grid, "DEVICE", "cuda")
     assert cell.overrides()[-1] == "model.device='cuda'"
     assert cell.key == key  # a cell is the same experiment on any device; its JSON records where it ran
+
+
+def test_tables_count_cells_per_device_only_when_they_ran_on_more_than_one(paper):
+    cpu = {"summary": {}}  # written before devices were recorded: a CPU cell
+    assert paper.devices_line([cpu, {"device": "x86_64"}], "x86_64") == ""
+    line = paper.devices_line([cpu, {"device": "x86_64"}, {"device": "NVIDIA H200"}], "x86_64")
+    assert line.startswith("Cells by device: 1 on NVIDIA H200, 2 on x86_64")
 
 
 def test_the_paper_grid_is_built_scored_and_chosen_by_the_library_tuner(paper, monkeypatch):
