@@ -22,7 +22,6 @@ import datetime
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zo_step import DEFAULT_DATA_DIR, fixed_batch
+from zo_step import paired as zo_step_paired
 
 from meerkat_fl.environment import environment
 from meerkat_fl.errors import MeerkatError
@@ -127,26 +127,21 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    sync()
-    begin = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - begin
+def synced(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` that returns only once the device has finished its work (so wall-clock time covers it)."""
+    def run() -> None:
+        fn()
+        sync()
+    return run
 
 
 def paired(base: Callable[[], object], other: Callable[[], object]) -> dict:
-    """Median of per-repetition ratios other/base, ABBA order, and each one's median seconds."""
-    for _ in range(min(3, REPS)):  # warm-up (the fused kernels compile on their first call)
-        base(), other()
-    a, b = [], []
-    for rep in range(REPS):
-        if rep % 2:
-            b.append(timed(other)), a.append(timed(base))
-        else:
-            a.append(timed(base)), b.append(timed(other))
-    return {"ratio": statistics.median(y / x for x, y in zip(a, b)), "base_s": statistics.median(a),
-            "other_s": statistics.median(b)}
+    """``zo_step.paired`` (ABBA, per-repetition ratios) on device-synchronised calls: the median ratio
+    other/base and each one's median seconds. Warm-up: the fused kernels compile on their first call."""
+    sync()
+    times_a, times_b, ratios = zo_step_paired(synced(base), synced(other), REPS, min(3, REPS))
+    return {"ratio": statistics.median(ratios), "base_s": statistics.median(times_a),
+            "other_s": statistics.median(times_b)}
 
 
 def model_phase(mask_path: Path | None) -> dict:
@@ -249,6 +244,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=SEEDS, help="projected gradients per fidelity row")
     parser.add_argument("--reps", type=int, default=REPS, help="paired repetitions per cost row")
     args = parser.parse_args()
+    if args.seeds < 3 or args.reps < 1:
+        parser.error("--seeds must be at least 3 (a correlation) and --reps at least 1")
     DEVICE, SEEDS, REPS = args.device, args.seeds, args.reps
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():  # `make bench` on a CPU machine
         print("gpu_check: no CUDA device visible, nothing measured (--device cpu runs the logic as a smoke test)")

@@ -60,6 +60,7 @@ from paper_report import (
 )
 
 from meerkat_fl.environment import device_name
+from meerkat_fl.models import DEVICE_PATTERN
 
 # what tests/test_paper.py reads from this script (it patches settings, paths and runners on the modules)
 __all__ = ["DENSE_CHECK_LR", "USEFUL_DIFFERENCE", "WORKER_PASS", "Busy", "Cell", "_lock", "auc", "bytes_to_beat",
@@ -95,6 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not DEVICE_PATTERN.fullmatch(grid.DEVICE):
+        parser.error(f"MEERKAT_PAPER_DEVICE: expected cpu, cuda, cuda:N or mps, got {grid.DEVICE!r}")
     sliced = args.report_only and (args.tasks or args.claims or args.seeds)  # a report of the slice named
     report_tasks, report_claims, report_seeds = report_scope(args)
     args.tasks = args.tasks or list(grid.TASKS)

@@ -206,13 +206,18 @@ def test_tuning_ties_go_to_the_smallest_lr(paper, monkeypatch):
     assert paper.tuned_lr("sst2", "random", False, []) == min(grid)
 
 
-def test_cells_run_on_meerkat_paper_device_under_the_same_key(paper, monkeypatch):
+def test_cells_run_on_meerkat_paper_device_under_the_same_key(paper, monkeypatch, capsys):
     cell = paper.Cell("sst2", "meerkat", "drift-T1-iid", 5e-4, 0, "test")
     assert not any(o.startswith("model.device=") for o in cell.overrides())  # the CPU: the config's default
     key = cell.key
     monkeypatch.setattr(paper.grid, "DEVICE", "cuda")
     assert cell.overrides()[-1] == "model.device='cuda'"
     assert cell.key == key  # a cell is the same experiment on any device; its JSON records where it ran
+    monkeypatch.setattr(paper.grid, "DEVICE", "banana")  # a bad value: one line from the command line, no run
+    monkeypatch.setattr(sys, "argv", ["paper.py", "--report-only"])
+    with pytest.raises(SystemExit) as error:
+        paper.main()
+    assert error.value.code == 2 and "MEERKAT_PAPER_DEVICE" in capsys.readouterr().err
 
 
 def test_tables_count_cells_per_device_only_when_they_ran_on_more_than_one(paper):
