@@ -111,6 +111,9 @@ def _run(cell: Cell, path: Path) -> dict[str, Any]:
             curve.append([row["round"], total, read_metric(row, EVAL, metric)])
     result = {"cell": dataclasses.asdict(cell), "summary": summary, "curve": curve,
               "device": device_name(cfg.model.device)}
+    devices = ran_on(json.loads((out / "environment.json").read_text()), result["device"])  # written just now
+    if len(devices) > 1:  # resumed on another device: name them all, first to last
+        result["devices"] = devices
     if (out / "gradip.jsonl").exists():  # sensitive masks: GradIP of every replayed step (a few KB)
         result["gradip"] = [json.loads(line) for line in (out / "gradip.jsonl").read_text().splitlines() if line]
     grid.CELLS.mkdir(parents=True, exist_ok=True)
@@ -118,6 +121,14 @@ def _run(cell: Cell, path: Path) -> dict[str, Any]:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(path)  # atomic: a reader never sees half a cell
     return result
+
+
+def ran_on(environment: dict[str, Any], last: str) -> list[str]:
+    """The devices a run computed on, first to last without repeats: its environment record's earlier starts
+    (RunDir.record_environment keeps them) and ``last``, the device that finished it."""
+    earlier = environment.get("earlier", []) if isinstance(environment, dict) else []
+    names = [entry["device_name"] for entry in earlier if isinstance(entry, dict) and "device_name" in entry]
+    return list(dict.fromkeys([*names, last]))
 
 
 def cached(cell: Cell) -> dict[str, Any] | None:

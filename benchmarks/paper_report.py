@@ -69,8 +69,10 @@ def _rule(diff: float, se: float) -> str:
 
 def devices_line(results: Iterable[dict[str, Any]], unrecorded: str) -> str:
     """A line counting cells per device when they ran on more than one ("" otherwise). Cells written before
-    the device was recorded count as ``unrecorded`` (they all ran on CPUs)."""
-    counts = Counter(result.get("device", unrecorded) for result in results)
+    the device was recorded count as ``unrecorded`` (they all ran on CPUs); a cell resumed on another device
+    counts under its devices in order ("x86_64 then NVIDIA H200")."""
+    counts = Counter(" then ".join(result["devices"]) if result.get("devices") else result.get("device", unrecorded)
+                     for result in results)
     if len(counts) <= 1:
         return ""
     return ("Cells by device: " + ", ".join(f"{n} on {device}" for device, n in sorted(counts.items()))

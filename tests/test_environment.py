@@ -36,3 +36,30 @@ def test_run_folder_and_summary_carry_the_environment(tmp_path):
     summary = json.loads((run.path / "summary.json").read_text())
     assert summary["final_eval_accuracy"] == 0.5
     assert summary["environment"]["versions"] == written["versions"]
+
+
+def test_a_resumed_run_keeps_the_environments_it_started_in(tmp_path):
+    from meerkat_fl import run as shell
+
+    cfg = Config()
+    cfg.model.dtype = "fp16"
+    first = RunDir.create(tmp_path / "run", cfg)
+    started = json.loads((first.path / "environment.json").read_text())
+    cfg.model.dtype = "float32"  # resumed elsewhere: another dtype stands in for another device
+    shell.open_run(first.path, cfg, resume=True)
+    resumed = json.loads((first.path / "environment.json").read_text())
+    assert resumed["dtype"] == "float32" and resumed["earlier"] == [started]
+    first.write_summary({}, "cpu", "float32")  # the same environment again: nothing new to keep
+    summary = json.loads((first.path / "summary.json").read_text())
+    assert summary["environment"]["earlier"] == [started]
+    fresh = RunDir.create(tmp_path / "other", Config())  # a new run has no earlier starts
+    assert "earlier" not in json.loads((fresh.path / "environment.json").read_text())
+
+
+def test_a_damaged_environment_record_does_not_stop_a_resume(tmp_path):
+    run = RunDir.create(tmp_path / "run", Config())
+    (run.path / "environment.json").write_text("{not json")
+    record = run.record_environment("cpu", "float32")
+    assert record["earlier"][0]["unreadable"].endswith("the file is damaged")
+    (run.path / "environment.json").write_text(json.dumps({"device": "cpu", "earlier": 7}))
+    assert "earlier" in run.record_environment("cpu", "float32")["earlier"][0]["unreadable"]

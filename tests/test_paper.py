@@ -225,6 +225,17 @@ def test_tables_count_cells_per_device_only_when_they_ran_on_more_than_one(paper
     assert paper.devices_line([cpu, {"device": "x86_64"}], "x86_64") == ""
     line = paper.devices_line([cpu, {"device": "x86_64"}, {"device": "NVIDIA H200"}], "x86_64")
     assert line.startswith("Cells by device: 1 on NVIDIA H200, 2 on x86_64")
+    moved = {"device": "NVIDIA H200", "devices": ["x86_64", "NVIDIA H200"]}  # resumed on the GPU
+    assert "1 on x86_64 then NVIDIA H200" in paper.devices_line([cpu, moved], "x86_64")
+
+
+def test_a_cell_names_every_device_its_run_computed_on(paper):
+    from paper_cells import ran_on
+
+    assert ran_on({"device_name": "x86_64"}, "x86_64") == ["x86_64"]
+    moved = {"earlier": [{"device_name": "x86_64"}, {"device_name": "x86_64"}, {"unreadable": "..."}]}
+    assert ran_on(moved, "NVIDIA H200") == ["x86_64", "NVIDIA H200"]
+    assert ran_on([], "x86_64") == ["x86_64"]  # a record of the wrong shape names only the last device
 
 
 def test_the_paper_grid_is_built_scored_and_chosen_by_the_library_tuner(paper, monkeypatch):

@@ -53,7 +53,9 @@ def open_run(out: str | Path, cfg: Config, *, resume: bool, overwrite: bool = Fa
     if resume:
         if not (path / "config.toml").is_file():
             raise ConfigError(f"--resume {path}: not a run folder (no config.toml)")
-        return RunDir(path, tensorboard=cfg.run.tensorboard)
+        run = RunDir(path, tensorboard=cfg.run.tensorboard)
+        run.record_environment(cfg.model.device, cfg.model.dtype)  # the earlier start's record is kept in it
+        return run
     found = [name for name in RUN_FILES if (path / name).exists()]
     if found and not overwrite:
         raise ConfigError(f"{path} already holds a run ({', '.join(found[:3])}): resume it with --resume {path}, "

@@ -115,10 +115,29 @@ class RunDir:
         return run
 
     def record_environment(self, device: str, dtype: str) -> dict[str, Any]:
-        """Write environment.json (versions, device, dtype, threads) and return the record."""
+        """Write environment.json (versions, device, dtype, threads) and return the record. The records of
+        earlier starts that differ from this one (a run resumed on another device, torch or thread count) stay
+        in it under ``"earlier"``, oldest first, so the folder names every environment the run computed in."""
         record = environment(device, dtype)
+        earlier = self._earlier_environments(record)
+        if earlier:
+            record["earlier"] = earlier
         self.write_json(ENVIRONMENT, record)
         return record
+
+    def _earlier_environments(self, current: dict[str, Any]) -> list[Any]:
+        """The environments this folder's run started in before, plus the last record when it differs from
+        ``current``. A damaged environment.json becomes one ``{"unreadable": ...}`` entry: it is only a record,
+        and a resume must not fail on it."""
+        if not (self.path / ENVIRONMENT).exists():
+            return []
+        try:
+            previous = self.read_json(ENVIRONMENT)
+        except DataError as exc:
+            return [{"unreadable": str(exc)}]
+        earlier = previous.pop("earlier", [])
+        earlier = earlier if isinstance(earlier, list) else [{"unreadable": f"'earlier' was {type(earlier).__name__}"}]
+        return earlier if previous == current else [*earlier, previous]
 
     def write_summary(self, summary: dict[str, Any], device: str, dtype: str) -> None:
         """summary.json: `summary` plus the environment of the process finishing the run (a resumed run may
