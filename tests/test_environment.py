@@ -46,7 +46,11 @@ def test_a_resumed_run_keeps_the_environments_it_started_in(tmp_path):
     first = RunDir.create(tmp_path / "run", cfg)
     started = json.loads((first.path / "environment.json").read_text())
     cfg.model.dtype = "float32"  # resumed elsewhere: another dtype stands in for another device
-    shell.open_run(first.path, cfg, resume=True)
+    run = shell.open_run(first.path, cfg, resume=True)
+    assert json.loads((first.path / "environment.json").read_text()) == started  # nothing loaded, nothing computed
+    shell.begin(run, resumed_round=None, evaluate=None, environment=("cpu", "float32"))  # no checkpoint: clean start
+    assert json.loads((first.path / "environment.json").read_text()) == started
+    shell.begin(run, resumed_round=3, evaluate=None, environment=("cpu", "float32"))  # its checkpoint loaded
     resumed = json.loads((first.path / "environment.json").read_text())
     assert resumed["dtype"] == "float32" and resumed["earlier"] == [started]
     first.write_summary({}, "cpu", "float32")  # the same environment again: nothing new to keep

@@ -59,7 +59,7 @@ def finetune(cfg: Config, out: str | Path, *, resume: bool = False, progress: Pr
         start = resumed = state["step"]
         skipped = state["skipped"]
     zero_shot = shell.begin(run, resumed_round=resumed, evaluate=evaluate if cfg.run.zero_shot else None,
-                            step_key="step")
+                            step_key="step", environment=(cfg.model.device, cfg.model.dtype))
     if resumed is None and zero_shot is not None:
         run.append_metrics({"step": 0, **prefixed(EVAL, zero_shot)})
 

@@ -53,9 +53,7 @@ def open_run(out: str | Path, cfg: Config, *, resume: bool, overwrite: bool = Fa
     if resume:
         if not (path / "config.toml").is_file():
             raise ConfigError(f"--resume {path}: not a run folder (no config.toml)")
-        run = RunDir(path, tensorboard=cfg.run.tensorboard)
-        run.record_environment(cfg.model.device, cfg.model.dtype)  # the earlier start's record is kept in it
-        return run
+        return RunDir(path, tensorboard=cfg.run.tensorboard)
     found = [name for name in RUN_FILES if (path / name).exists()]
     if found and not overwrite:
         raise ConfigError(f"{path} already holds a run ({', '.join(found[:3])}): resume it with --resume {path}, "
@@ -71,7 +69,8 @@ def open_run(out: str | Path, cfg: Config, *, resume: bool, overwrite: bool = Fa
 
 def begin(run: RunDir, *, resumed_round: int | None, evaluate: Callable[[], dict[str, float]] | None,
           step_key: str = "round", logs: tuple[str, ...] = ("metrics.jsonl",),
-          zero_shot_from: Path | None = None) -> dict[str, float] | None:
+          zero_shot_from: Path | None = None,
+          environment: tuple[str, str] | None = None) -> dict[str, float] | None:
     """Align the logs with the checkpoint and return the zero-shot metrics (evaluated once, then read back).
 
     ``resumed_round``: the round (or step) the loaded checkpoint holds; None when starting from scratch, which
@@ -79,7 +78,12 @@ def begin(run: RunDir, *, resumed_round: int | None, evaluate: Callable[[], dict
     ``zero_shot_from``: a run folder whose zero-shot evaluation this run shares instead of repeating it (the
     caller vouches that it is the same model, task, test rows and scorer); copied with ``"copied_from"`` naming
     that folder, so the file says it was not evaluated here.
+    ``environment``: this process's (device, dtype). A run resumed from its checkpoint records it here, once the
+    checkpoint has loaded, so environment.json keeps the earlier starts' records and names every environment
+    that computed the run, and a resume that failed before this point names none.
     """
+    if resumed_round is not None and environment is not None:
+        run.record_environment(*environment)
     for name in logs:
         run.truncate_metrics(-1 if resumed_round is None else resumed_round, key=step_key, name=name)
     if run.tensorboard:  # a view of metrics.jsonl as just truncated: no step past the checkpoint survives

@@ -97,7 +97,8 @@ def simulate(
     log_gradip = cfg.vp.log_gradip and fed.params.mask.pretrain_grad is not None  # GradIP, method doc section 4
     zero_shot = shell.begin(run, resumed_round=resumed_round, evaluate=(lambda: evaluate(fed, progress))
                             if cfg.run.zero_shot else None, zero_shot_from=zero_shot_from,
-                            logs=("metrics.jsonl", GRADIP_LOG) if log_gradip else ("metrics.jsonl",))
+                            logs=("metrics.jsonl", GRADIP_LOG) if log_gradip else ("metrics.jsonl",),
+                            environment=(cfg.model.device, cfg.model.dtype))
     kept = run.read_metrics()  # a resumed run's rounds so far: its bar starts from their eval and bytes
 
     def observe(result: RoundResult) -> None:  # before metrics.jsonl: a round's line means its GradIP lines exist
