@@ -29,7 +29,7 @@ from paper_grid import Cell, lr_grid
 from meerkat_fl import config, tune
 from meerkat_fl.environment import device_name
 from meerkat_fl.fed.simulate import simulate
-from meerkat_fl.rundir import EVAL, ZERO_SHOT, primary_metric, read_metric
+from meerkat_fl.rundir import ENVIRONMENT, EVAL, ZERO_SHOT, RunDir, primary_metric, read_metric
 from meerkat_fl.tune import run_score as score  # cells written before metrics had names read by their task
 
 ENTRY = Path(__file__).with_name("paper.py")  # the script a worker process runs (with --worker)
@@ -111,7 +111,7 @@ def _run(cell: Cell, path: Path) -> dict[str, Any]:
             curve.append([row["round"], total, read_metric(row, EVAL, metric)])
     result = {"cell": dataclasses.asdict(cell), "summary": summary, "curve": curve,
               "device": device_name(cfg.model.device)}
-    devices = ran_on(json.loads((out / "environment.json").read_text()), result["device"])  # written just now
+    devices = ran_on(RunDir(out).read_json(ENVIRONMENT), result["device"])  # a damaged file: a one-line DataError
     if len(devices) > 1:  # resumed on another device: name them all, first to last
         result["devices"] = devices
     if (out / "gradip.jsonl").exists():  # sensitive masks: GradIP of every replayed step (a few KB)
