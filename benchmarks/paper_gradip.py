@@ -139,13 +139,13 @@ def plot_drift_gradip(data: dict[str, Any], summary: dict[str, Any], out: Path) 
     for ax, (key, groups) in zip(axes[0], summary.items()):
         task, t = key.split("/")
         lr, steps = data["lrs"][task]["meerkat"], int(t[1:])
-        for i, (skew, group) in enumerate(groups.items()):
+        for skew, group in groups.items():
             kept = {(r["seed"], r["round"], r["client_id"]) for r in round_decays(task, lr, steps, skew, group["seeds"])}
             rows = [np.abs(np.asarray(r["gradip"], dtype=np.float64)) for seed in group["seeds"]
                     for r in gradip_records(Cell(task, "meerkat", f"drift-{t}-{skew}", lr, seed, "test")) or []
                     if (seed, r["round"], r["client_id"]) in kept]
             curve = np.exp(np.log(np.maximum(np.stack(rows), 1e-300)).mean(axis=0))  # a 0 step
-            ax.plot(np.arange(1, steps + 1), curve, color=f"C{i}",
+            ax.plot(np.arange(1, steps + 1), curve, color=f"C{list(grid.DRIFT_SKEWS).index(skew)}",  # one per skew
                     label=f"{skew} ({len(rows)} client-rounds, median decay {group['median_decay']:.1f}x)")
         ax.set(title=f"{task}, T={steps}: Meerkat, {grid.DRIFT_LOCAL_STEPS} local steps per client",
                xlabel="local step within the round", ylabel="|GradIP| (geometric mean)", yscale="log")
