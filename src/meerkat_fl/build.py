@@ -73,7 +73,10 @@ def build_task(task_cfg: TaskConfig) -> TaskProtocol:
     return get_task(task_cfg.name).configure(options)
 
 
-def build_task_data(task_cfg: TaskConfig, loaded: LoadedModel, seed: int) -> TaskData:
+def load_splits(task_cfg: TaskConfig, seed: int) -> tuple[TaskProtocol, Split, Split]:
+    """The run's train and test rows, before encoding: what every client's shard and every score is drawn from.
+
+    `meerkat partition` and the benchmarks that rebuild a run's partition read the same rows through this."""
     task = build_task(task_cfg)
     train = task.load("train", path=task_cfg.train_path, data_dir=task_cfg.data_dir, hub=task_cfg.hub)
     if task_cfg.eval_split == "validation":
@@ -84,6 +87,11 @@ def build_task_data(task_cfg: TaskConfig, loaded: LoadedModel, seed: int) -> Tas
     test = subsample(test, task_cfg.eval_size, seed + 1)
     if len(train) == 0 or len(test) == 0:
         raise DataError(f"task {task_cfg.name}: the train or test split is empty")
+    return task, train, test
+
+
+def build_task_data(task_cfg: TaskConfig, loaded: LoadedModel, seed: int) -> TaskData:
+    task, train, test = load_splits(task_cfg, seed)
     return TaskData(
         train=task.encode(loaded.tokenizer, train, task_cfg.max_length),
         test=task.encode(loaded.tokenizer, test, task_cfg.max_length),
