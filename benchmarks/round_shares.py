@@ -67,6 +67,8 @@ def largest_shares(rounds: Mapping[int, Sequence[int]], sizes: Sequence[int], we
 def cell_shares(path: Path) -> dict[str, Any]:
     try:
         cell = json.loads(path.read_text())
+        if not isinstance(cell, dict):
+            raise TypeError("the file holds no JSON object")
         spec = grid.Cell(**cell["cell"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a paper cell ({type(exc).__name__}: {exc})") from None
@@ -77,7 +79,8 @@ def cell_shares(path: Path) -> dict[str, Any]:
     sizes = [len(c) for c in partition.clients]
     shares = largest_shares(rounds_of(cell, str(path)), sizes, cfg.fed.weighting)
     last_client, last_share = shares[-1]
-    counts = np.bincount(labels[partition.clients[last_client]], minlength=int(labels.max()) + 1)
+    held = labels[partition.clients[last_client]]
+    counts = np.bincount(held[held >= 0], minlength=max(int(labels.max()) + 1, 1))  # -1: a row without a label
     return {"cell": path.stem, "weighting": cfg.fed.weighting, "sizes": sizes, "rounds": len(shares),
             "largest_share": [round(s, 4) for _, s in shares],
             "median_largest": float(np.median([s for _, s in shares])),
@@ -85,7 +88,7 @@ def cell_shares(path: Path) -> dict[str, Any]:
             "last_round": {"client": last_client, "share": round(last_share, 4), "size": sizes[last_client],
                            "dominant_label": int(counts.argmax()),
                            "dominant_fraction": round(float(counts.max() / max(counts.sum(), 1)), 4)},
-            "final_accuracy": cell["summary"].get("final/accuracy")}
+            "final_accuracy": (cell.get("summary") or {}).get("final/accuracy")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,6 +57,10 @@ def test_a_broken_cell_file_is_one_line_and_exit_2(shares, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "not a paper cell" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out.json").exists()
+    for text in ("[1, 2]", json.dumps({"cell": {"task": "sst2", "bogus": 1}})):  # valid JSON, not a cell
+        bad.write_text(text)
+        assert shares.main([str(bad), "--json", str(tmp_path / "out.json")]) == 2
+        assert "not a paper cell" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("split", ["test", "validation"])
