@@ -4,7 +4,7 @@ Replay weights each sampled client by its shard size (`fed.weighting = "data_siz
 round that samples one large single-label client beside small ones is that client's update. Written for claim 2d
 (issue 17), where AG News seed 0's Dirichlet 0.1 runs collapse to near one class at T = 10 and 50. Everything is
 rebuilt from the repository: the clients of each round from the cell's committed GradIP records, the shard sizes
-by re-partitioning the cell's own training rows (`build.load_splits`, `build.partition_for`: no model is loaded).
+by re-partitioning the cell's own training rows (`build.train_rows`, `build.partition_for`: no model is loaded).
 
     MEERKAT_DATA_DIR=../shared/data .venv/bin/python benchmarks/round_shares.py            # AG News Dirichlet 0.1
     MEERKAT_DATA_DIR=../shared/data .venv/bin/python benchmarks/round_shares.py CELL.json ... --json out.json
@@ -26,7 +26,7 @@ import numpy as np
 import paper_grid as grid
 
 from meerkat_fl import config
-from meerkat_fl.build import load_splits, partition_for
+from meerkat_fl.build import partition_for, train_rows
 from meerkat_fl.errors import DataError, MeerkatError
 from meerkat_fl.fed.aggregate import normalised_weights
 from meerkat_fl.paths import output_file
@@ -73,7 +73,7 @@ def cell_shares(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a paper cell ({type(exc).__name__}: {exc})") from None
     cfg = config.validate(config.resolve_environment(config.load(None, spec.overrides())))
-    _, train, _ = load_splits(cfg.task, cfg.run.seed)
+    _, train, _ = train_rows(cfg.task, cfg.run.seed)
     labels = np.asarray(train.partition_labels)
     partition = partition_for(cfg, labels)
     sizes = [len(c) for c in partition.clients]

@@ -1,5 +1,5 @@
 """benchmarks/round_shares.py: each round's largest replay weight, rebuilt from a cached cell; and
-build.load_splits, through which it (and `meerkat partition`) re-partitions a run's own training rows."""
+build.train_rows, through which it (and `meerkat partition`) re-partitions a run's own training rows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from meerkat_fl import config
-from meerkat_fl.build import load_splits, partition_for
+from meerkat_fl.build import partition_for, train_rows
 from meerkat_fl.errors import DataError
 from meerkat_fl.fed.simulate import simulate
 from meerkat_fl.partition import load_partition
@@ -64,12 +64,12 @@ def test_a_broken_cell_file_is_one_line_and_exit_2(shares, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("split", ["test", "validation"])
-def test_load_splits_rebuilds_the_partition_a_run_trained_on(tiny_cfg, tmp_path, split):
+def test_train_rows_rebuilds_the_partition_a_run_trained_on(tiny_cfg, tmp_path, split):
     cfg = config.apply_overrides(tiny_cfg, ["fed.partition='dirichlet'", "fed.alpha=0.1", "fed.rounds=1",
                                             f"task.eval_split='{split}'"])
     simulate(cfg, tmp_path / "run", progress=False)
     ran = load_partition(tmp_path / "run" / "partition.json")
-    _, train, _ = load_splits(cfg.task, cfg.run.seed)
+    _, train, _ = train_rows(cfg.task, cfg.run.seed)
     rebuilt = partition_for(cfg, np.asarray(train.partition_labels))
     assert len(rebuilt.clients) == len(ran.clients)
     assert all(np.array_equal(a, b) for a, b in zip(rebuilt.clients, ran.clients))

@@ -73,20 +73,31 @@ def build_task(task_cfg: TaskConfig) -> TaskProtocol:
     return get_task(task_cfg.name).configure(options)
 
 
-def load_splits(task_cfg: TaskConfig, seed: int) -> tuple[TaskProtocol, Split, Split]:
-    """The run's train and test rows, before encoding: what every client's shard and every score is drawn from.
+def train_rows(task_cfg: TaskConfig, seed: int) -> tuple[TaskProtocol, Split, Split | None]:
+    """The run's training rows, before encoding: what every client's shard is drawn from, and the validation rows
+    held out of them when ``eval_split = "validation"`` (else None: the test split is read separately).
 
-    `meerkat partition` and the benchmarks that rebuild a run's partition read the same rows through this."""
+    `meerkat partition` and the benchmarks that rebuild a run's partition read the same rows through this, so
+    they need no test split."""
     task = build_task(task_cfg)
     train = task.load("train", path=task_cfg.train_path, data_dir=task_cfg.data_dir, hub=task_cfg.hub)
+    held = None
     if task_cfg.eval_split == "validation":
-        train, test = hold_out(train, task_cfg.validation_size)
-    else:
-        test = task.load("test", path=task_cfg.test_path, data_dir=task_cfg.data_dir, hub=task_cfg.hub)
+        train, held = hold_out(train, task_cfg.validation_size)
     train = subsample(train, task_cfg.train_size, seed)
+    if len(train) == 0:
+        raise DataError(f"task {task_cfg.name}: the train split is empty")
+    return task, train, held
+
+
+def load_splits(task_cfg: TaskConfig, seed: int) -> tuple[TaskProtocol, Split, Split]:
+    """The run's train and test rows, before encoding: what every client's shard and every score is drawn from."""
+    task, train, test = train_rows(task_cfg, seed)
+    if test is None:
+        test = task.load("test", path=task_cfg.test_path, data_dir=task_cfg.data_dir, hub=task_cfg.hub)
     test = subsample(test, task_cfg.eval_size, seed + 1)
-    if len(train) == 0 or len(test) == 0:
-        raise DataError(f"task {task_cfg.name}: the train or test split is empty")
+    if len(test) == 0:
+        raise DataError(f"task {task_cfg.name}: the {task_cfg.eval_split} split is empty")
     return task, train, test
 
 

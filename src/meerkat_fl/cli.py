@@ -181,7 +181,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from meerkat_fl.build import load_splits
+    from meerkat_fl.build import train_rows
     from meerkat_fl.fed.simulate import partition_for
     from meerkat_fl.partition import format_histogram, save_partition
 
@@ -191,7 +191,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
         ("task.name", args.task), ("fed.partition", args.scheme), ("fed.num_clients", args.clients),
         ("fed.alpha", args.alpha), ("fed.num_extreme", args.extreme), ("fed.labels_per_client", args.labels_per_client),
         ("run.seed", args.seed)) if v is not None])
-    task, data, _ = load_splits(cfg.task, cfg.run.seed)  # the rows a run with this config partitions
+    task, data, _ = train_rows(cfg.task, cfg.run.seed)  # the rows a run with this config partitions
     labels = data.partition_labels
     partition = partition_for(cfg, labels)
     names = [task.partition_names[c] if c >= 0 else "none" for c in np.unique(labels)]  # the labels present
