@@ -122,6 +122,12 @@ for _t in DRIFT_T:
                                             f"run.eval_every={max(1, _rounds // 4)}",
                                             f"run.checkpoint_every={max(1, _rounds // 10)}"]
 DRIFT_SETTINGS = [f"drift-T{t}-{skew}" for t in DRIFT_T for skew in DRIFT_SKEWS]
+# Claim 2d's Dirichlet 0.1 cells with each sampled client weighted equally (``fed.weighting = "uniform"``) instead
+# of by shard size: on AG News seed 0 four large one-label shards took 80% or more of a round's replay weight and
+# two rare-sync runs collapsed to near one class (BENCHMARKS.md). The same cells but for the weighting.
+WEIGHTING_SETTINGS = [f"drift-T{t}-dirichlet01-uniform" for t in DRIFT_T]
+for _t in DRIFT_T:
+    SETTINGS[f"drift-T{_t}-dirichlet01-uniform"] = [*SETTINGS[f"drift-T{_t}-dirichlet01"], "fed.weighting='uniform'"]
 EPS_CHECK = {"1e-4": "eps1e-4", "1e-2": "eps1e-2"}  # eps -> setting; 1e-3 (BASE) is the tuning grid's own cell
 # Full-FedZO one x4 step above its grid, on validation only: a check, not a grid point (a new dense lr would
 # re-run six dense test cells, Full-FedZO's and FedMeZO's, ~1.5 h per task on 2 cores)
@@ -143,10 +149,14 @@ CLAIMS: dict[str, tuple[list[str], list[str], str]] = {
     "2d": (["meerkat", "full_fedzo"], DRIFT_SETTINGS,
            ("With drift in it (100 local steps per client), more frequent sync (T=1 vs 10 vs 50) narrows the "
             "Non-IID vs IID gap, and only the sparse method can afford T=1's bytes")),
+    "2w": (["meerkat"], WEIGHTING_SETTINGS,
+           ("Under Dirichlet 0.1, weighting each sampled client equally (not by shard size) keeps a round from "
+            "being one large single-label client's update")),
 }
 # Claims run only when named (--claims 2d): a plain run and --report-only keep to the finished grid.
 # 2d is about 33 cell-hours on 2 cores (BENCHMARKS.md, "Issue 17"); its cells cache and resume like any other.
-EXTRA_CLAIMS = ("2d",)
+# 2w is 9 Meerkat cells a task (about 2 cell-hours on AG News).
+EXTRA_CLAIMS = ("2d", "2w")
 
 
 def default_claims() -> list[str]:
@@ -175,7 +185,8 @@ class Cell:
             extra.append(f"fedmezo.lr_scale={self.lr / 2!r}")
         split = [*(f"{key}={value!r}" for key, value in VALIDATION.items()), "run.zero_shot=false",
                  "run.eval_every=0"] if self.split == "validation" else []
-        whole = [f"task.eval_size={DRIFT_EVAL_SIZE[self.task]}"] if self.setting in DRIFT_SETTINGS else []
+        drift = self.setting in (*DRIFT_SETTINGS, *WEIGHTING_SETTINGS)
+        whole = [f"task.eval_size={DRIFT_EVAL_SIZE[self.task]}"] if drift else []
         return [*BASE, *TASK_OVERRIDES.get(self.task, []), f"task.name={self.task!r}", *extra,
                 *SETTINGS[self.setting], *whole, f"{LR_KEYS.get(self.method, 'zo.lr')}={self.lr!r}",
                 f"run.seed={self.seed}", *split, *([f"model.device={DEVICE!r}"] if DEVICE != "cpu" else [])]

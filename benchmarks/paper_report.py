@@ -155,6 +155,9 @@ def report(data: dict[str, Any], tasks, claims, within: dict[str, Any] | None = 
             lines += drift_report(res, claim_tasks, methods, by_seed)
             lines += drift_gradip_lines(drift_gradip(data, claim_tasks) if within is None else within)
             continue
+        if claim == "2w":
+            lines += weighting_report(claim_tasks, methods, by_seed)
+            continue
         head = ["task"] + [f"{m} {s}" if len(settings) > 1 else m for m in methods for s in settings]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for task in claim_tasks:
@@ -229,6 +232,26 @@ def report(data: dict[str, Any], tasks, claims, within: dict[str, Any] | None = 
             lines.append(f"- {task}: Full-FedZO at lr {grid.DENSE_CHECK_LR:g}, above its grid: "
                          f"{'-' if above is None else f'{above:.3f}'} (grid: {data['tuning_grid'][task].get('full_fedzo')})")
     return "\n".join(lines) + "\n"
+
+
+def weighting_report(tasks, methods, by_seed) -> list[str]:
+    """Claim 2w: each Dirichlet 0.1 drift cell run again with every sampled client weighted equally, beside
+    claim 2d's cell of the same seed (weighted by shard size), per seed, and the paired difference per T."""
+    lines = ["| task | method | T | seed | by shard size (2d) | uniform | uniform minus by size |", "|" + "---|" * 7]
+    verdicts = []
+    for task in tasks:
+        for method in methods:
+            for t in grid.DRIFT_T:
+                sized = by_seed(task, method, f"drift-T{t}-dirichlet01")
+                uniform = by_seed(task, method, f"drift-T{t}-dirichlet01-uniform")
+                for seed in sorted(uniform):
+                    before = sized.get(seed)
+                    lines.append(f"| {task} | {method} | {t} | {seed} | {'-' if before is None else f'{before:.3f}'} | "
+                                 f"{uniform[seed]:.3f} | {'-' if before is None else f'{uniform[seed] - before:+.3f}'} |")
+                if uniform:
+                    verdicts.append(f"- {task} / {method}: T={t}, uniform minus by shard size: "
+                                    f"paired by seed: {paired_verdict(uniform, sized)}")
+    return [*lines, "", *verdicts, ""]
 
 
 def drift_report(res: dict[str, Any], tasks, methods, by_seed) -> list[str]:

@@ -323,7 +323,7 @@ def test_a_dense_cell_waits_for_the_dense_slot_and_releases_its_own_lock(paper, 
 
 def test_the_drift_claim_is_opt_in_spends_equal_steps_and_reports_each_sync_frequency(paper, monkeypatch):
     grid = paper.grid
-    assert grid.EXTRA_CLAIMS == ("2d",) and grid.default_claims() == ["1"]  # 2d only when named: --claims 2d
+    assert grid.EXTRA_CLAIMS == ("2d", "2w") and grid.default_claims() == ["1"]  # only when named: --claims 2d
     for setting in grid.DRIFT_SETTINGS:  # equal forward passes per client at every T; the whole test split
         cell = paper.Cell("sst2", "meerkat", setting, 5e-4, 0, "test")
         values = dict(o.split("=", 1) for o in cell.overrides())  # the last value of each key wins, as in config
@@ -346,6 +346,39 @@ def test_the_drift_claim_is_opt_in_spends_equal_steps_and_reports_each_sync_freq
     assert "- sst2 / meerkat / pathological: T=50 gap minus T=1 gap: " in text
     line = next(x for x in text.splitlines() if x.startswith("- sst2 / meerkat / pathological: T=50"))
     assert "paired by seed: holds (+0.098 ± 0.000" in line  # 0.002 x (50 - 1), identical on every seed
+
+
+def test_the_weighting_claim_reruns_the_dirichlet_cells_weighted_equally_and_pairs_them_by_seed(paper, monkeypatch):
+    grid = paper.grid
+    for t in grid.DRIFT_T:  # the 2d Dirichlet cell's overrides, weighting aside: a new name, the same run
+        sized = paper.Cell("ag_news", "meerkat", f"drift-T{t}-dirichlet01", 5e-4, 0, "test")
+        uniform = paper.Cell("ag_news", "meerkat", f"drift-T{t}-dirichlet01-uniform", 5e-4, 0, "test")
+        assert "fed.weighting='uniform'" in uniform.overrides()
+        assert [o for o in uniform.overrides() if o != "fed.weighting='uniform'"] == sized.overrides()
+        assert uniform.key != sized.key
+    monkeypatch.setattr(grid, "CLAIMS", {"2d": (["meerkat"], grid.DRIFT_SETTINGS, "drift"),
+                                         "2w": (["meerkat"], grid.WEIGHTING_SETTINGS, "weighting")})
+
+    def fake(cell, run, pending):  # seed 0 collapses by size at T=50 (0.29) and not uniformly (0.70)
+        if cell.split == "test" and cell.setting.endswith("uniform") and cell.seed > 0 and "T50" not in cell.setting:
+            pending.append(cell.key)  # seeds 1 and 2 run at T=50 only
+            return None
+        acc = 0.29 if (cell.seed == 0 and cell.setting == "drift-T50-dirichlet01") else 0.70 + 0.01 * cell.seed
+        return {"cell": {"seed": cell.seed}, "curve": [[1, 1e3, acc]], "summary": {
+            "final_eval_accuracy": acc, "zero_shot_accuracy": 0.5, "bytes_up_per_round": 1,
+            "bytes_down_per_round": 1, "wall_seconds": 1.0}}
+
+    monkeypatch.setattr(paper.cells, "fetch", fake)
+    data = paper.collect(["ag_news"], ["2d", "2w"], [0, 1, 2], run=False)
+    text = paper.report(data, ["ag_news"], ["2w"])
+    assert "| ag_news | meerkat | 50 | 0 | 0.290 | 0.700 | +0.410 |" in text
+    assert "| ag_news | meerkat | 50 | 2 | 0.720 | 0.720 | +0.000 |" in text
+    assert "| ag_news | meerkat | 1 | 0 | 0.700 | 0.700 | +0.000 |" in text
+    assert not any(line.startswith("| ag_news | meerkat | 1 | 1 |") for line in text.splitlines())  # not run
+    assert "T=50, uniform minus by shard size: paired by seed: inconclusive (+0.137 ± 0.137" in text
+    assert "T=1, uniform minus by shard size: paired by seed: inconclusive (fewer than 3 shared seeds)" in text
+    assert any(k.startswith("test-ag_news-meerkat-drift-T1-dirichlet01-uniform-lr") and k.endswith("-s1")
+               for k in data["pending"])  # what was not run is listed, not reported
 
 
 def test_the_tables_after_a_slice_keep_every_claim_and_add_an_opt_in_claim_once_it_has_cells(paper, monkeypatch):
