@@ -236,17 +236,24 @@ def report(data: dict[str, Any], tasks, claims, within: dict[str, Any] | None = 
 
 def weighting_report(tasks, methods, by_seed) -> list[str]:
     """Claim 2w: each Dirichlet 0.1 drift cell run again with every sampled client weighted equally, beside
-    claim 2d's cell of the same seed (weighted by shard size), per seed, and the paired difference per T."""
-    lines = ["| task | method | T | seed | by shard size (2d) | uniform | uniform minus by size |", "|" + "---|" * 7]
+    claim 2d's cell of the same seed (weighted by shard size), per seed, and the paired difference per T. Claim
+    2d's IID cell of the seed stands beside them: IID shards are equal, so its weights are uniform either way."""
+    lines = ["| task | method | T | seed | IID (2d) | by shard size (2d) | uniform | uniform minus by size |",
+             "|" + "---|" * 8]
     verdicts = []
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for task in tasks:
         for method in methods:
             for t in grid.DRIFT_T:
+                iid = by_seed(task, method, f"drift-T{t}-iid")
                 sized = by_seed(task, method, f"drift-T{t}-dirichlet01")
                 uniform = by_seed(task, method, f"drift-T{t}-dirichlet01-uniform")
                 for seed in sorted(uniform):
                     before = sized.get(seed)
-                    lines.append(f"| {task} | {method} | {t} | {seed} | {'-' if before is None else f'{before:.3f}'} | "
+                    lines.append(f"| {task} | {method} | {t} | {seed} | {cell(iid.get(seed))} | {cell(before)} | "
                                  f"{uniform[seed]:.3f} | {'-' if before is None else f'{uniform[seed] - before:+.3f}'} |")
                 if uniform:
                     verdicts.append(f"- {task} / {method}: T={t}, uniform minus by shard size: "

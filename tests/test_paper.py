@@ -371,9 +371,9 @@ def test_the_weighting_claim_reruns_the_dirichlet_cells_weighted_equally_and_pai
     monkeypatch.setattr(paper.cells, "fetch", fake)
     data = paper.collect(["ag_news"], ["2d", "2w"], [0, 1, 2], run=False)
     text = paper.report(data, ["ag_news"], ["2w"])
-    assert "| ag_news | meerkat | 50 | 0 | 0.290 | 0.700 | +0.410 |" in text
-    assert "| ag_news | meerkat | 50 | 2 | 0.720 | 0.720 | +0.000 |" in text
-    assert "| ag_news | meerkat | 1 | 0 | 0.700 | 0.700 | +0.000 |" in text
+    assert "| ag_news | meerkat | 50 | 0 | 0.700 | 0.290 | 0.700 | +0.410 |" in text
+    assert "| ag_news | meerkat | 50 | 2 | 0.720 | 0.720 | 0.720 | +0.000 |" in text
+    assert "| ag_news | meerkat | 1 | 0 | 0.700 | 0.700 | 0.700 | +0.000 |" in text
     assert not any(line.startswith("| ag_news | meerkat | 1 | 1 |") for line in text.splitlines())  # not run
     assert "T=50, uniform minus by shard size: paired by seed: inconclusive (+0.137 ± 0.137" in text
     assert "T=1, uniform minus by shard size: paired by seed: inconclusive (fewer than 3 shared seeds)" in text
