@@ -33,7 +33,7 @@ from meerkat_fl.paths import output_file
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CELLS = sorted((REPO / "benchmarks" / "results" / "paper" / "cells").glob(
-    "test-ag_news-meerkat-drift-T*-dirichlet01-*.json"))
+    "test-ag_news-meerkat-drift-T*-dirichlet01-*.json"))  # claim 2d by shard size, 2w uniform
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "paper" / "round_shares.json"
 DOMINANT = 0.8  # a round "is one client's" when it carries this share or more
 
