@@ -127,6 +127,8 @@ DRIFT_SETTINGS = [f"drift-T{t}-{skew}" for t in DRIFT_T for skew in DRIFT_SKEWS]
 # two rare-sync runs collapsed to near one class (BENCHMARKS.md). The same cells but for the weighting.
 # Rarest sync first, where seed 0 collapsed furthest: a run cut short has the most telling cells.
 WEIGHTING_SETTINGS = [f"drift-T{t}-dirichlet01-uniform" for t in reversed(DRIFT_T)]
+# what claim 2w compares them with: claim 2d's cells of the same T, by shard size and IID (cached, not re-run)
+WEIGHTING_REFERENCE = [f"drift-T{t}-{skew}" for t in DRIFT_T for skew in ("iid", "dirichlet01")]
 for _t in DRIFT_T:
     SETTINGS[f"drift-T{_t}-dirichlet01-uniform"] = [*SETTINGS[f"drift-T{_t}-dirichlet01"], "fed.weighting='uniform'"]
 EPS_CHECK = {"1e-4": "eps1e-4", "1e-2": "eps1e-2"}  # eps -> setting; 1e-3 (BASE) is the tuning grid's own cell
@@ -150,7 +152,7 @@ CLAIMS: dict[str, tuple[list[str], list[str], str]] = {
     "2d": (["meerkat", "full_fedzo"], DRIFT_SETTINGS,
            ("With drift in it (100 local steps per client), more frequent sync (T=1 vs 10 vs 50) narrows the "
             "Non-IID vs IID gap, and only the sparse method can afford T=1's bytes")),
-    "2w": (["meerkat"], WEIGHTING_SETTINGS,
+    "2w": (["meerkat"], [*WEIGHTING_SETTINGS, *WEIGHTING_REFERENCE],
            ("Under Dirichlet 0.1, weighting each sampled client equally (not by shard size) keeps a round from "
             "being one large single-label client's update")),
 }

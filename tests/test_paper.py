@@ -356,8 +356,13 @@ def test_the_weighting_claim_reruns_the_dirichlet_cells_weighted_equally_and_pai
         assert "fed.weighting='uniform'" in uniform.overrides()
         assert [o for o in uniform.overrides() if o != "fed.weighting='uniform'"] == sized.overrides()
         assert uniform.key != sized.key
-    monkeypatch.setattr(grid, "CLAIMS", {"2d": (["meerkat"], grid.DRIFT_SETTINGS, "drift"),
-                                         "2w": (["meerkat"], grid.WEIGHTING_SETTINGS, "weighting")})
+    spec = importlib.util.spec_from_file_location("paper_grid_unpatched", REPO / "benchmarks" / "paper_grid.py")
+    unpatched = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, unpatched)  # its dataclass looks its module up there
+    spec.loader.exec_module(unpatched)  # the fixture replaced CLAIMS; the grid's own 2w names 2d's cells too
+    claim = unpatched.CLAIMS["2w"]
+    assert claim[:2] == (["meerkat"], [*grid.WEIGHTING_SETTINGS, *grid.WEIGHTING_REFERENCE])
+    monkeypatch.setattr(grid, "CLAIMS", {"2d": (["meerkat"], grid.DRIFT_SETTINGS, "drift"), "2w": claim})
 
     def fake(cell, run, pending):  # seed 0 collapses by size at T=50 (0.29) and not uniformly (0.70)
         if cell.split == "test" and cell.setting.endswith("uniform") and cell.seed > 0 and "T50" not in cell.setting:
@@ -369,7 +374,7 @@ def test_the_weighting_claim_reruns_the_dirichlet_cells_weighted_equally_and_pai
             "bytes_down_per_round": 1, "wall_seconds": 1.0}}
 
     monkeypatch.setattr(paper.cells, "fetch", fake)
-    data = paper.collect(["ag_news"], ["2d", "2w"], [0, 1, 2], run=False)
+    data = paper.collect(["ag_news"], ["2w"], [0, 1, 2], run=False)  # a slice of 2w alone still reads 2d's cells
     text = paper.report(data, ["ag_news"], ["2w"])
     assert "| ag_news | meerkat | 50 | 0 | 0.700 | 0.290 | 0.700 | +0.410 |" in text
     assert "| ag_news | meerkat | 50 | 2 | 0.720 | 0.720 | 0.720 | +0.000 |" in text
